@@ -1,0 +1,39 @@
+"""Exceptions raised by gradood.
+
+Every error names the problem and what to do about it. All derive from :class:`GradoodError`, and each
+also derives from the built-in exception a Python user would expect (``ValueError`` for bad values,
+``KeyError``-like lookups stay ``ValueError`` so messages are not quoted), so ``except ValueError`` keeps
+working in user code.
+"""
+
+from __future__ import annotations
+
+from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
+
+
+class GradoodError(Exception):
+    """Base class of every error gradood raises on purpose."""
+
+
+class InputError(GradoodError, ValueError):
+    """Bad data: NaN/Inf, wrong shape, empty dataset, mismatched dimensions."""
+
+
+class ConfigError(GradoodError, ValueError):
+    """Unknown detector/dataset/model name, unknown or invalid hyperparameter, bad benchmark spec."""
+
+
+class ModelError(GradoodError, ValueError):
+    """The model cannot be probed as asked: no linear head, model in train mode, unsupported layer."""
+
+
+class NotFittedError(GradoodError, _SklearnNotFittedError):
+    """A detector that needs fitting was used before ``fit``."""
+
+
+class ChecksumError(GradoodError, OSError):
+    """A downloaded or cached file does not have the expected sha256; it was not used and was removed."""
+
+
+class TuningDataError(GradoodError, ValueError):
+    """A detector whose tuning needs an OOD validation split was fitted without one."""

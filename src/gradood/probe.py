@@ -1,0 +1,313 @@
+"""The probe: turns any trained PyTorch classifier into the signals detectors need.
+
+A :class:`Probe` wraps an ``nn.Module`` classifier. It finds the classifier head -- the last ``nn.Linear``
+the forward pass reaches (or a 1x1 ``nn.Conv2d`` on 1x1 maps, as in BiT, when named) -- or takes its
+name, and runs batches in eval mode, capturing with hooks:
+
+* ``logits``: the head's output, ``B x C`` (the closed forms of gradood's gradient scores are exact for it);
+* ``features``: the head's input, the penultimate features ``h``, ``B x D``;
+* named layer activations ("taps"), e.g. for FSSD or multi-layer Mahalanobis.
+
+Every batch is checked: finite inputs, the same per-sample shape as the first batch, finite logits.
+``probe.signals(data)`` gives a lazy :class:`~gradood.signals.Signals` over a DataLoader / tensors that
+computes whatever the detectors ask for in one streaming pass, holding one batch of intermediates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InputError, ModelError
+
+
+@dataclass
+class ForwardOutput:
+    """What one forward pass of a batch yields."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    taps: dict[str, torch.Tensor] = field(default_factory=dict)
+    x: torch.Tensor | None = None  # the validated input batch, on the model's device
+
+
+def _is_head_candidate(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear)
+
+
+class Probe:
+    """Wrap a trained classifier so that detectors can read its logits, features and layer activations.
+
+    Parameters
+    ----------
+    model:
+        Any ``nn.Module`` mapping a batch of inputs to ``B x C`` logits. It is run in eval mode (its previous
+        train/eval flags are restored after each pass) on the device of its parameters.
+    head:
+        Name (as in ``model.named_modules()``) of the classifier head: an ``nn.Linear``, or an ``nn.Conv2d``
+        with a 1x1 kernel applied to 1x1 maps. ``None`` (default): the last ``nn.Linear`` reached in the
+        forward pass, found on the first batch.
+    input_std:
+        Per-channel standard deviation of the input normalisation (a float or a sequence, one per channel).
+        Perturbation methods (ODIN, GRODIN, FSSD, Mahalanobis) divide their input step by it so that their
+        epsilon is in [0, 1]-pixel units, as the ODIN code does. ``None`` means inputs are not normalised.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head: str | None = None,
+        *,
+        input_std: float | Sequence[float] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"Probe needs a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self._modules = dict(model.named_modules())
+        self.head_name: str | None = None
+        if head is not None:
+            self._set_head(head)
+        self.input_std = input_std
+        self._input_shape: tuple[int, ...] | None = None
+        self._checked_output = False
+
+    # ------------------------------------------------------------------ head
+    def _set_head(self, name: str) -> None:
+        if name not in self._modules:
+            linear = [n for n, m in self._modules.items() if isinstance(m, nn.Linear)]
+            raise ModelError(
+                f"the model has no module named {name!r}; its nn.Linear modules are {linear or 'none'}. "
+                "Pass head=<name of the layer that outputs the logits>."
+            )
+        m = self._modules[name]
+        if isinstance(m, nn.Sequential):
+            inner = [f"{name}.{n}" for n, sub in m.named_modules() if isinstance(sub, nn.Linear)]
+            if not inner:
+                raise ModelError(f"{name!r} is a Sequential without an nn.Linear; name the linear layer itself.")
+            name, m = inner[-1], self._modules[inner[-1]]
+        if isinstance(m, nn.Conv2d):
+            if m.kernel_size != (1, 1) or m.groups != 1:
+                raise ModelError(f"head {name!r} is a Conv2d with kernel {m.kernel_size}; only 1x1 convs act as heads.")
+        elif not isinstance(m, nn.Linear):
+            raise ModelError(
+                f"head {name!r} is a {type(m).__name__}; the head must be the nn.Linear (or 1x1 Conv2d) "
+                "whose output are the logits."
+            )
+        self.head_name = name
+
+    @property
+    def head(self) -> nn.Module:
+        if self.head_name is None:
+            raise ModelError("the head is not known yet: run a batch through the probe or pass head=<name>.")
+        return self._modules[self.head_name]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Head weight as ``C x D`` (detached)."""
+        w = self.head.weight.detach()
+        return w.reshape(w.shape[0], -1)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """Head bias ``C`` (detached), or None."""
+        b = self.head.bias
+        return None if b is None else b.detach()
+
+    def _find_head(self, x: torch.Tensor) -> None:
+        order: list[str] = []
+        handles = [
+            m.register_forward_hook(lambda _m, _i, _o, n=n: order.append(n))
+            for n, m in self._modules.items()
+            if _is_head_candidate(m)
+        ]
+        try:
+            with torch.no_grad(), self.eval_mode():
+                self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        if not order:
+            raise ModelError(
+                f"no nn.Linear layer is reached in the forward pass of {type(self.model).__name__}, so the "
+                "classifier head cannot be found. Pass Probe(model, head='<name>') naming the layer whose "
+                "output are the logits (an nn.Linear, or a 1x1 nn.Conv2d); module names are listed by "
+                "[n for n, _ in model.named_modules()]."
+            )
+        self.head_name = order[-1]
+
+    # ------------------------------------------------------------------ running
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None else torch.get_default_dtype()
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Run the model in eval mode and restore every module's previous flag afterwards."""
+        flags = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, f in flags.items():
+                m.training = f
+
+    def prepare(self, x: torch.Tensor, *, batch_index: int | None = None) -> torch.Tensor:
+        """Validate a batch of inputs and move it to the model's device and dtype."""
+        where = "" if batch_index is None else f" in batch {batch_index}"
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"inputs{where} must be a tensor, got {type(x).__name__}.")
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise InputError(f"empty batch{where} (shape {tuple(x.shape)}): the dataset yields no samples.")
+        if x.is_floating_point():
+            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+            if bool(bad.any()):
+                idx = bad.nonzero().flatten()[:5].tolist()
+                raise InputError(
+                    f"inputs{where} contain NaN or Inf (samples {idx} of the batch). Clean or drop those "
+                    "samples before scoring (e.g. torch.nan_to_num, or check the loading/normalisation code)."
+                )
+        shape = tuple(x.shape[1:])
+        if self._input_shape is not None and shape != self._input_shape:
+            raise InputError(
+                f"inputs{where} have per-sample shape {shape}, but earlier batches had {self._input_shape}. "
+                "All data scored with one model must share the input shape the model expects: resize or "
+                "reshape them in the dataset transform."
+            )
+        x = x.to(self.device, non_blocking=True)
+        if x.is_floating_point() and x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        return x
+
+    def _run_model(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.model(x)
+        except (RuntimeError, ValueError, IndexError) as e:
+            if self._input_shape is None:
+                raise InputError(
+                    f"the model failed on inputs of per-sample shape {tuple(x.shape[1:])} ({type(e).__name__}: "
+                    f"{e}). Check that the data has the shape, channel order and dtype the model expects."
+                ) from e
+            raise
+
+    def forward(self, x: torch.Tensor, taps: Sequence[str] = (), *, grad: bool = False,
+                batch_index: int | None = None, validate: bool = True) -> ForwardOutput:
+        """Run one batch and return logits (head output), features (head input) and the named taps.
+
+        With ``grad=False`` (default) runs under ``torch.no_grad``; with ``grad=True`` the outputs stay in the
+        autograd graph (for input gradients and per-sample parameter gradients).
+        """
+        x = self.prepare(x, batch_index=batch_index) if validate else x
+        if self.head_name is None:
+            self._find_head(x)
+        captured: dict[str, Any] = {}
+        head = self.head
+
+        def head_hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            captured["features"] = inputs[0]
+            captured["logits"] = output
+
+        handles = [head.register_forward_hook(head_hook)]
+        for t in taps:
+            if t in ("logits", "features"):
+                continue
+            if t not in self._modules:
+                raise InputError(
+                    f"unknown layer {t!r}: taps must name modules of the model, e.g. "
+                    f"{[n for n in self._modules if n][:8]}..."
+                )
+            handles.append(self._modules[t].register_forward_hook(
+                lambda _m, _i, o, n=t: captured.__setitem__(("tap", n), o)))
+        try:
+            with self.eval_mode(), torch.set_grad_enabled(grad):
+                out = self._run_model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        if "logits" not in captured:
+            raise ModelError(f"the head {self.head_name!r} was not reached in the forward pass of this batch.")
+        logits, feats = captured["logits"], captured["features"]
+        if isinstance(head, nn.Conv2d):
+            if logits.shape[-2:] != (1, 1):
+                raise ModelError(f"head {self.head_name!r} is a 1x1 conv applied to {tuple(logits.shape[-2:])} maps; "
+                                 "gradood needs pooled 1x1 maps at the head.")
+            logits, feats = logits.flatten(1), feats.flatten(1)
+        if feats.ndim != 2:
+            raise ModelError(
+                f"the head {self.head_name!r} receives inputs of shape {tuple(feats.shape)}; gradood needs one "
+                "feature vector per sample (B x D). Name a head that follows pooling/flattening."
+            )
+        if validate:
+            self._check_logits(logits, out, batch_index)
+            self._input_shape = tuple(x.shape[1:])
+        taps_out = {t: captured[("tap", t)] for t in taps if ("tap", t) in captured}
+        for t in taps:
+            if t == "logits":
+                taps_out[t] = logits
+            elif t == "features":
+                taps_out[t] = feats
+            elif t not in taps_out:
+                raise ModelError(f"layer {t!r} was not reached in the forward pass.")
+        return ForwardOutput(logits=logits, features=feats, taps=taps_out, x=x)
+
+    def _check_logits(self, logits: torch.Tensor, out: Any, batch_index: int | None) -> None:
+        where = "" if batch_index is None else f" in batch {batch_index}"
+        bad = ~torch.isfinite(logits.detach()).all(dim=1)
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten()[:5].tolist()
+            raise InputError(
+                f"the model produced NaN/Inf logits{where} (samples {idx} of the batch). Check the inputs' "
+                "scale and normalisation, and that the weights loaded correctly."
+            )
+        if not self._checked_output:
+            self._checked_output = True
+            if not (isinstance(out, torch.Tensor) and out.shape == logits.shape
+                    and torch.allclose(out.detach(), logits.detach(), rtol=1e-4, atol=1e-5)):
+                warnings.warn(
+                    f"the model's output differs from the output of its head {self.head_name!r}; gradood uses "
+                    "the head's output as the logits (the closed-form gradient scores are exact for it). "
+                    "If another layer outputs the logits, pass head=<its name>.",
+                    stacklevel=3,
+                )
+
+    # ------------------------------------------------------------------ data
+    def signals(self, data: Any, *, batch_size: int = 128, name: str = "data", cache_dir: Any = None,
+                progress: bool = True, checkpoint_every: int = 50) -> "Signals":
+        """A lazy :class:`~gradood.signals.Signals` over ``data`` (DataLoader, Dataset, tensor, array or
+        ``(inputs, labels)``). Nothing runs until a detector asks for signals; then one pass computes all of
+        them. ``cache_dir`` keeps them on disk (resumable, atomic writes)."""
+        from ._batches import BatchSource
+        from .signals import Signals
+
+        return Signals(source=BatchSource(data, batch_size=batch_size), probe=self, name=name,
+                       cache_dir=cache_dir, progress=progress, checkpoint_every=checkpoint_every)
+
+    def __repr__(self) -> str:
+        return f"Probe({type(self.model).__name__}, head={self.head_name!r})"
+
+
+def input_step_scale(probe: Probe, x: torch.Tensor) -> torch.Tensor | float:
+    """Factor that turns a step in [0, 1]-pixel units into the model's (normalised) input space.
+
+    ODIN's convention: the sign of the input gradient is divided by the per-channel normalisation std.
+    Returns a tensor broadcastable to ``x`` (channel dimension 1) or 1.0 when inputs are not normalised.
+    """
+    std = probe.input_std
+    if std is None:
+        return 1.0
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).flatten()
+    if s.numel() == 1:
+        return 1.0 / s.reshape(())
+    if x.ndim < 2 or x.shape[1] != s.numel():
+        raise InputError(f"input_std has {s.numel()} channels but inputs have shape {tuple(x.shape)}.")
+    return (1.0 / s).reshape(1, -1, *([1] * (x.ndim - 2)))
