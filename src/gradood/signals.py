@@ -202,9 +202,11 @@ class Signals:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_arrays(cls, *, logits: Any = None, features: Any = None, labels: Any = None,
-                    name: str = "data", **taps: Any) -> "Signals":
-        """Signals from precomputed arrays (numpy or torch). ``taps`` are keyed by layer name and stored as
-        ``Tap(layer, 'mean')`` signals."""
+                    head_weight: Any = None, head_bias: Any = None, name: str = "data",
+                    **taps: Any) -> "Signals":
+        """Signals from precomputed arrays (numpy or torch). ``head_weight`` (``C x D``) and ``head_bias``
+        (``C``) are the classifier head's parameters, needed by ReAct and ViM. ``taps`` are keyed by layer
+        name and stored as ``Tap(layer, 'mean')`` signals."""
         tensors: dict[str, torch.Tensor] = {}
         n: int | None = None
 
@@ -235,9 +237,32 @@ class Signals:
                 raise InputError(f"labels have {len(lab)} entries but the signals have {n} samples.")
         if not tensors:
             raise InputError("from_arrays needs at least one of logits=, features= or a tap.")
-        return cls(tensors=tensors, labels=lab, name=name)
+        out = cls(tensors=tensors, labels=lab, name=name)
+        if head_weight is not None:
+            w = torch.as_tensor(np.asarray(head_weight) if not isinstance(head_weight, torch.Tensor) else head_weight)
+            b = None if head_bias is None else torch.as_tensor(
+                np.asarray(head_bias) if not isinstance(head_bias, torch.Tensor) else head_bias)
+            if w.ndim != 2 or (b is not None and b.shape != (w.shape[0],)):
+                raise InputError(f"head_weight must be C x D and head_bias C, got {tuple(w.shape)} and "
+                                 f"{None if b is None else tuple(b.shape)}.")
+            out._head = (w, b)
+        return out
 
     # ------------------------------------------------------------------ access
+    def head_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The classifier head's ``(weight C x D, bias C or None)``, from the probe or from ``from_arrays``."""
+        head = getattr(self, "_head", None)
+        if head is not None:
+            return head
+        if self.probe is not None:
+            if self.probe.head_name is None:
+                self.require([LOGITS])
+            return self.probe.weight.cpu(), None if self.probe.bias is None else self.probe.bias.cpu()
+        raise InputError(
+            f"{self.name!r} has no classifier head weights: pass head_weight= and head_bias= to "
+            "Signals.from_arrays, or build the signals with probe.signals(data)."
+        )
+
     def __len__(self) -> int:
         if self._tensors:
             return next(iter(self._tensors.values())).shape[0]
@@ -431,6 +456,8 @@ class Signals:
                       labels=None if labels is None else labels[idx], name=name or f"{self.name}[subset]",
                       progress=self.progress)
         sub._labels_known = True
+        if getattr(self, "_head", None) is not None:
+            sub._head = self._head
         return sub
 
     def __repr__(self) -> str:
