@@ -56,6 +56,9 @@ class Probe:
         Per-channel standard deviation of the input normalisation (a float or a sequence, one per channel).
         Perturbation methods (ODIN, GRODIN, FSSD, Mahalanobis) divide their input step by it so that their
         epsilon is in [0, 1]-pixel units, as the ODIN code does. ``None`` means inputs are not normalised.
+    input_mean:
+        Per-channel mean of the input normalisation (used with ``input_std`` to map [0, 1] pixels, e.g.
+        FSSD's uniform noise, into the model's input space). ``None`` means 0.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class Probe:
         head: str | None = None,
         *,
         input_std: float | Sequence[float] | None = None,
+        input_mean: float | Sequence[float] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"Probe needs a torch.nn.Module, got {type(model).__name__}.")
@@ -73,7 +77,9 @@ class Probe:
         if head is not None:
             self._set_head(head)
         self.input_std = input_std
+        self.input_mean = input_mean
         self._input_shape: tuple[int, ...] | None = None
+        self._example: torch.Tensor | None = None
         self._checked_output = False
 
     # ------------------------------------------------------------------ head
@@ -226,8 +232,9 @@ class Probe:
                     f"unknown layer {t!r}: taps must name modules of the model, e.g. "
                     f"{[n for n in self._modules if n][:8]}..."
                 )
+            # a clone: a later in-place op (x += identity, ReLU(inplace)) must not change what was captured
             handles.append(self._modules[t].register_forward_hook(
-                lambda _m, _i, o, n=t: captured.__setitem__(("tap", n), o)))
+                lambda _m, _i, o, n=t: captured.__setitem__(("tap", n), o if grad else o.clone())))
         try:
             with self.eval_mode(), torch.set_grad_enabled(grad):
                 out = self._run_model(x)
@@ -249,7 +256,9 @@ class Probe:
             )
         if validate:
             self._check_logits(logits, out, batch_index)
-            self._input_shape = tuple(x.shape[1:])
+            if self._input_shape is None:
+                self._input_shape = tuple(x.shape[1:])
+                self._example = x[:1].detach().clone()
         taps_out = {t: captured[("tap", t)] for t in taps if ("tap", t) in captured}
         for t in taps:
             if t == "logits":
@@ -279,6 +288,50 @@ class Probe:
                     "If another layer outputs the logits, pass head=<its name>.",
                     stacklevel=3,
                 )
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """Per-sample input shape, known once a batch has run."""
+        return self._input_shape
+
+    def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Map inputs in [0, 1]-pixel units to the model's input space with ``input_mean``/``input_std``."""
+        def per_channel(v: Any) -> torch.Tensor:
+            t = torch.as_tensor(v, dtype=pixels.dtype, device=pixels.device).flatten()
+            return t.reshape(()) if t.numel() == 1 else t.reshape(1, -1, *([1] * (pixels.ndim - 2)))
+
+        mean = 0.0 if self.input_mean is None else per_channel(self.input_mean)
+        std = 1.0 if self.input_std is None else per_channel(self.input_std)
+        return (pixels - mean) / std
+
+    def default_layers(self) -> list[str]:
+        """Layers to tap when a multi-layer method is not told which: every activation module (ReLU family,
+        GELU, SiLU...) that the forward pass reaches exactly once, in forward order; if the model uses
+        functional activations only, the outputs of its top-level children. Needs one batch to have run."""
+        if self._example is None:
+            raise ModelError("run at least one batch through the probe before asking for its default layers.")
+        acts = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish)
+        calls: dict[str, int] = {}
+        order: list[str] = []
+
+        def hook(name: str):
+            def fn(_m: nn.Module, _i: Any, _o: Any) -> None:
+                calls[name] = calls.get(name, 0) + 1
+                if name not in order:
+                    order.append(name)
+            return fn
+
+        candidates = {n: m for n, m in self._modules.items() if n and isinstance(m, acts)}
+        if not candidates:
+            candidates = {n: m for n, m in self.model.named_children() if n != self.head_name}
+        handles = [m.register_forward_hook(hook(n)) for n, m in candidates.items()]
+        try:
+            with torch.no_grad(), self.eval_mode():
+                self.model(self._example)
+        finally:
+            for h in handles:
+                h.remove()
+        return [n for n in order if calls[n] == 1]
 
     # ------------------------------------------------------------------ data
     def signals(self, data: Any, *, batch_size: int = 128, name: str = "data", cache_dir: Any = None,

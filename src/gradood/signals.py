@@ -287,6 +287,14 @@ class Signals:
             self.require([LOGITS])
         return self._labels
 
+    def warm_up(self) -> None:
+        """Run the first batch through the probe if nothing has run yet (head discovery, input shape), e.g.
+        when every signal came from the disk cache but a detector needs to run the model itself."""
+        if self.probe is not None and self.probe.input_shape is None and self.source is not None:
+            for x, _ in self.source.iter_batches():
+                self.probe.forward(x, batch_index=0)
+                break
+
     def has(self, request: Request) -> bool:
         return request.key in self._tensors
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
-from ..errors import InputError
-from ..signals import FEATURES, Request, Signals
-from .base import Detector, register
+from ..errors import ConfigError, InputError
+from ..signals import FEATURES, ProbeBatch, Request, Signals, Tap, tensor_digest
+from ._ensemble import LayerCombiner, check_combine
+from ._perturb import check_eps, check_grid, input_grad, pred_ce, step
+from .base import Detector, check_choice, register, register_variant
 
 
 @dataclass
@@ -83,3 +86,172 @@ class Mahalanobis(Detector):
 
     def _score(self, signals: Signals) -> torch.Tensor:
         return -self.gaussian_.sqdists(signals.features).amin(dim=1)
+
+
+# ---------------------------------------------------------------------- multi-layer, preprocessing, ensemble
+
+#: Lee et al.'s noise magnitudes
+MAHALANOBIS_EPSILONS = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
+
+
+def spatial_mean(a: torch.Tensor) -> torch.Tensor:
+    """Lee et al.'s per-layer feature: the mean over spatial/sequence positions (``B x channels``)."""
+    return a if a.ndim <= 2 else a.reshape(a.shape[0], a.shape[1], -1).mean(dim=2)
+
+
+def closest_class_sqdist(g: TiedGaussian, f: torch.Tensor) -> torch.Tensor:
+    """Differentiable ``min_c (f - mu_c)^T P (f - mu_c)`` at the class closest to each sample."""
+    f = f.double()
+    with torch.no_grad():
+        c = g.sqdists(f.detach()).argmin(dim=1)
+    d = f - g.means[c]
+    return ((d @ g.precision) * d).sum(dim=1)
+
+
+@dataclass(frozen=True, eq=False)
+class MahalanobisScores(Request):
+    """``-min_c d^2_c`` per layer at the preprocessed input ``x - eps sign(grad_x 1/2 d^2_c_hat(x)) / std``,
+    ``B x L``. With ``fgsm_step > 0`` the input is first moved by FGSM (``+step sign(grad_x CE(f(x), y_hat))``),
+    which makes OOD-free negatives from ID data (the GradNorm repo's variant)."""
+
+    layers: tuple[str, ...]
+    gaussians: tuple[TiedGaussian, ...] = field(repr=False)
+    eps: float = 0.0
+    fgsm_step: float = 0.0
+
+    @property
+    def taps(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.layers
+
+    @property
+    def key(self) -> str:
+        digest = tensor_digest(*[t for g in self.gaussians for t in (g.means, g.precision)])
+        return f"mahalanobis:{','.join(self.layers)}:{digest}:eps={self.eps:g}:fgsm={self.fgsm_step:g}"
+
+    def compute(self, batch: ProbeBatch) -> torch.Tensor:
+        probe, x, taps = batch.probe, batch.x, batch.taps
+        if self.fgsm_step > 0:
+            g = input_grad(probe, x, lambda f, _t: pred_ce(f, 1.0))
+            x = step(probe, x, g, self.fgsm_step, direction=+1.0)
+            taps = probe.forward(x, self.layers, validate=False).taps
+        cols = []
+        for layer, gauss in zip(self.layers, self.gaussians):
+            if self.eps == 0:
+                f = spatial_mean(taps[layer])
+            else:
+                dist = lambda _f, t, L=layer, G=gauss: 0.5 * closest_class_sqdist(G, spatial_mean(t[L]))  # noqa: E731
+                g = input_grad(probe, x, dist, taps=(layer,))
+                xp = step(probe, x, g, self.eps, direction=-1.0)
+                f = spatial_mean(probe.forward(xp, (layer,), validate=False).taps[layer])
+            cols.append(-gauss.sqdists(f).amin(dim=1))
+        return torch.stack(cols, dim=1)
+
+
+@register("mahalanobis-ensemble")
+class MahalanobisEnsemble(Detector):
+    """Multi-layer Mahalanobis with input preprocessing and a feature ensemble (Lee et al., NeurIPS 2018).
+
+    Per layer l: feature = spatial mean of the layer's output; class means (true labels) and a tied covariance
+    fitted on ID training data; ``M_l(x) = max_c -(f_l - mu_c)^T Sigma_l^-1 (f_l - mu_c)`` at the preprocessed
+    input ``x - eps * sign(grad_x 1/2 d^2_closest(x)) / std``. Layers are combined by ``combine``. Higher = more ID.
+    Inputs: layer activations, input gradients (eps > 0), labels at fit time.
+
+    Hyperparameters:
+
+    * ``layers``: module names (None = the probe's default activation layers plus the penultimate features);
+    * ``eps`` (0.0) or ``tune_eps=True`` to choose it from ``epsilons`` (Lee et al.'s grid) on the validation
+      split (fit the ensemble on one half, select on the other);
+    * ``combine``: "lr" (default; logistic regression on per-layer scores), "mean-z" (OOD-agnostic), or a
+      layer name;
+    * ``negatives``: "ood" (default; the LR contrasts ID validation with OOD validation data -- OOD-tuned, as
+      in the paper) or "fgsm" (OOD-free: FGSM-perturbed ID validation samples with step ``fgsm_step`` 0.05,
+      the GradNorm repo's variant);
+    * ``seed`` (0), ``val_split`` (0.5).
+    """
+
+    paper = "Lee, Lee, Lee & Shin, A Simple Unified Framework for Detecting OOD Samples and Adversarial Attacks, NeurIPS 2018"
+    signals = ("taps", "input-grads")
+    fits_on_id = True
+    needs_model = True
+
+    def __init__(self, layers: Sequence[str] | None = None, eps: float = 0.0, tune_eps: bool = False,
+                 epsilons: Sequence[float] = MAHALANOBIS_EPSILONS, combine: str = "lr", negatives: str = "ood",
+                 fgsm_step: float = 0.05, seed: int = 0, val_split: float = 0.5) -> None:
+        self.layers = None if layers is None else tuple(layers)
+        self.eps = check_eps(eps)
+        self.tune_eps = bool(tune_eps)
+        self.epsilons = check_grid(epsilons, "eps")
+        self.combine = check_combine(combine)
+        self.negatives = check_choice(negatives, "negatives", ("ood", "fgsm"))
+        self.fgsm_step = check_eps(fgsm_step, "fgsm_step")
+        self.seed = int(seed)
+        if not 0 < float(val_split) < 1:
+            raise ConfigError(f"val_split must be in (0, 1), got {val_split!r}.")
+        self.val_split = float(val_split)
+
+    @property
+    def tunes_on_ood(self) -> bool:  # type: ignore[override]
+        uses_val = self.combine == "lr" or self.tune_eps
+        return uses_val and self.negatives == "ood"
+
+    def _resolve_layers(self, signals: Signals) -> tuple[str, ...]:
+        if self.layers is not None:
+            return self.layers
+        if signals.probe is None:
+            raise InputError("the Mahalanobis ensemble runs the model: build the signals with probe.signals(data).")
+        signals.warm_up()
+        return tuple(signals.probe.default_layers()) + ("features",)
+
+    def fit_requests(self) -> list[Request]:
+        return []
+
+    def _fit(self, signals: Signals, *, ood_val: Signals | None, id_val: Signals | None) -> None:
+        self.layers_ = self._resolve_layers(signals)
+        labels = _labels(signals)
+        signals.require([Tap(layer, "mean") for layer in self.layers_])
+        self.gaussians_ = tuple(TiedGaussian.fit(signals.get(Tap(layer, "mean")), labels) for layer in self.layers_)
+        self.n_classes_ = self.gaussians_[0].means.shape[0]
+        self.eps_ = self.eps
+        id_v = id_val if id_val is not None else signals
+        if self.tune_eps:
+            self.eps_ = self._select_eps(id_v, ood_val)
+        self.combiner_ = self._fit_combiner(self.eps_, signals, id_v, ood_val)
+
+    def _request(self, eps: float, fgsm: float = 0.0) -> MahalanobisScores:
+        return MahalanobisScores(self.layers_, self.gaussians_, eps, fgsm)
+
+    def _fit_combiner(self, eps: float, fit: Signals, id_v: Signals, ood_v: Signals | None) -> LayerCombiner:
+        r = self._request(eps)
+        negatives = id_v.get(self._request(eps, self.fgsm_step)) if self.negatives == "fgsm" else None
+        comb = LayerCombiner(self.combine, self.layers_, seed=self.seed)
+        return comb.fit(fit.get(r) if self.combine == "mean-z" else id_v.get(r), id_val=id_v, ood_val=ood_v,
+                        request=r, negatives=negatives)
+
+    def _select_eps(self, id_val: Signals, ood_val: Signals | None) -> float:
+        from ..metrics import auroc
+        from .fssd import _split
+
+        id_a, id_b = _split(id_val, self.val_split, self.seed)
+        if self.negatives == "ood":
+            assert ood_val is not None
+            ood_a, ood_b = _split(ood_val, self.val_split, self.seed + 1)
+        best, best_auc = self.epsilons[0], -1.0
+        for eps in self.epsilons:
+            r = self._request(eps)
+            comb = self._fit_combiner(eps, id_a, id_a, ood_a if self.negatives == "ood" else None)
+            neg = ood_b.get(r) if self.negatives == "ood" else id_b.get(self._request(eps, self.fgsm_step))
+            a = auroc(comb.transform(id_b.get(r)).numpy(), comb.transform(neg).numpy())
+            if a > best_auc:
+                best, best_auc = eps, a
+        return best
+
+    def requests(self) -> list[Request]:
+        return [self._request(self.eps_)]
+
+    def _score(self, signals: Signals) -> torch.Tensor:
+        return self.combiner_.transform(signals.get(self._request(self.eps_)))
+
+
+register_variant("mahalanobis-ensemble-tuned", MahalanobisEnsemble, tune_eps=True)
+register_variant("mahalanobis-ensemble-fgsm", MahalanobisEnsemble, negatives="fgsm")
+register_variant("mahalanobis-multilayer", MahalanobisEnsemble, combine="mean-z")

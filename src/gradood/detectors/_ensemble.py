@@ -1,0 +1,72 @@
+"""Combining per-layer scores into one (FSSD-Ensem, Mahalanobis feature ensemble)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, InputError
+from ..signals import Request, Signals
+
+COMBINE_MODES = ("mean-z", "lr")
+
+
+def check_combine(combine: str) -> str:
+    if not isinstance(combine, str) or not combine:
+        raise ConfigError(f"combine must be 'mean-z', 'lr' or a layer name, got {combine!r}.")
+    return combine
+
+
+class LayerCombiner:
+    """Turns an ``N x L`` matrix of per-layer ID-scores into one ID-score per sample.
+
+    * ``"mean-z"`` (OOD-agnostic): z-score each layer with the mean/std of the ID fit values, average.
+    * ``"lr"`` (OOD-tuned): ``sklearn.linear_model.LogisticRegressionCV(random_state=42)`` on per-layer scores
+      of the ID validation split (label 1) and the OOD validation split (label 0), as the FSSD and
+      Mahalanobis codes do; the score is the decision function (the log-odds: ranks like
+      ``predict_proba[:, 1]`` without saturating to ties).
+    * a layer name: that layer's column alone.
+    """
+
+    def __init__(self, mode: str, layers: Sequence[str], seed: int = 42) -> None:
+        self.mode = mode
+        self.layers = tuple(layers)
+        self.seed = seed
+
+    def fit(self, id_fit_values: torch.Tensor, *, id_val: Signals | None, ood_val: Signals | None,
+            request: Request, negatives: torch.Tensor | None = None) -> "LayerCombiner":
+        if self.mode == "mean-z":
+            v = id_fit_values.double()
+            self.mean_ = v.mean(dim=0)
+            self.std_ = v.std(dim=0).clamp_min(1e-12)
+        elif self.mode == "lr":
+            from sklearn.linear_model import LogisticRegressionCV
+
+            pos = (id_val.get(request) if id_val is not None else id_fit_values).double().numpy()
+            if negatives is None:
+                if ood_val is None:
+                    raise InputError("the 'lr' layer ensemble needs ood_val= (OOD validation signals).")
+                negatives = ood_val.get(request)
+            neg = negatives.double().numpy()
+            X = np.concatenate([pos, neg])
+            y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+            with warnings.catch_warnings():
+                # sklearn >= 1.8 announces default changes; we want today's defaults, as the official codes used
+                warnings.simplefilter("ignore", FutureWarning)
+                self.lr_ = LogisticRegressionCV(random_state=42, max_iter=2000).fit(X, y)
+        elif self.mode in self.layers:
+            self.column_ = self.layers.index(self.mode)
+        else:
+            raise ConfigError(f"combine={self.mode!r} is neither {COMBINE_MODES} nor one of the layers {list(self.layers)}.")
+        return self
+
+    def transform(self, values: torch.Tensor) -> torch.Tensor:
+        v = values.double()
+        if self.mode == "mean-z":
+            return ((v - self.mean_) / self.std_).mean(dim=1)
+        if self.mode == "lr":
+            return torch.from_numpy(self.lr_.decision_function(v.numpy()))
+        return v[:, self.column_]
