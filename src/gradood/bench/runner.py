@@ -1,0 +1,323 @@
+"""``gradood bench``: run a benchmark spec end to end, resumably.
+
+For each run (one model, one ID set): load and validate every dataset, extract signals once per
+(model, dataset) into an on-disk cache (resumable mid-pass), then fit and score each detector. Detectors
+that tune on OOD data are fitted once per OOD set on that set's held-out validation split; every detector
+is tested on the same test splits. Each detector's scores and metrics are written atomically as soon as it
+finishes, so an interrupted run resumes at the first unfinished detector and gives the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, GradoodError
+from ..probe import Probe
+from ..signals import FEATURES, LOGITS, Signals, atomic_write_bytes
+from .spec import BenchSpec, DataRef, DetectorRef, RunSpec, load_spec
+
+METRIC_KEYS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr80", "detection_error")
+
+
+# ---------------------------------------------------------------------- models and data
+@dataclass
+class ModelInfo:
+    model: torch.nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_shape: tuple[int, ...]
+    head: str | None
+    num_classes: int | None
+
+
+def load_model(name: str) -> ModelInfo:
+    from .. import models
+
+    model, meta = models.load(name)
+    get = (lambda k, d=None: meta.get(k, d)) if isinstance(meta, dict) else (lambda k, d=None: getattr(meta, k, d))
+    return ModelInfo(model=model.eval(), mean=tuple(get("mean")), std=tuple(get("std")),
+                     input_shape=tuple(get("input_shape")), head=get("head"), num_classes=get("num_classes"))
+
+
+def load_data(ref: DataRef, info: ModelInfo, seed: int, where: str):
+    """The ArrayDataset of a spec entry, subset/resized/re-channelled, checked against the model's input."""
+    from .. import data
+
+    options = dict(ref.options)
+    if ref.dataset in ("uniform_noise", "gaussian_noise"):
+        options.setdefault("shape", list(info.input_shape))
+        options.setdefault("n", ref.n or 1000)
+        options.setdefault("seed", seed)
+    ds = data.load(ref.dataset, ref.split, root=ref.root, **options)
+    if ref.start is not None or ref.stop is not None:
+        ds = ds.subset(np.arange(len(ds))[ref.start:ref.stop])
+    if ref.n is not None and ref.n < len(ds):
+        ds = ds.sample(ref.n, seed=seed)
+    if ref.resize is not None:
+        ds = ds.resized(ref.resize)
+    if ref.channels is not None:
+        ds = ds.with_channels(ref.channels)
+    if tuple(ds.shape) != tuple(info.input_shape):
+        raise ConfigError(
+            f"{where}: {ref.label} has images of shape {tuple(ds.shape)} but the model expects "
+            f"{tuple(info.input_shape)}. Add resize = {info.input_shape[-1]} and/or channels = {info.input_shape[0]} "
+            "to this dataset entry."
+        )
+    return ds
+
+
+def split_holdout(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a seeded validation hold-out and of the remaining test part."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(n_val, n // 2)
+    return np.sort(perm[:n_val]), np.sort(perm[n_val:])
+
+
+# ---------------------------------------------------------------------- results store
+class ResultStore:
+    """One JSON + one NPZ per (run, detector), written atomically; their presence means "done"."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _paths(self, run_key: str, det_key: str) -> tuple[Path, Path]:
+        d = self.root / "runs" / run_key
+        return d / f"{det_key}.json", d / f"{det_key}.npz"
+
+    def load(self, run_key: str, det_key: str) -> tuple[list[dict], dict[str, np.ndarray]] | None:
+        js, npz = self._paths(run_key, det_key)
+        if not (js.exists() and npz.exists()):
+            return None
+        rows = json.loads(js.read_text())
+        with np.load(npz, allow_pickle=False) as z:
+            scores = {k: z[k] for k in z.files}
+        return rows, scores
+
+    def save(self, run_key: str, det_key: str, rows: list[dict], scores: dict[str, np.ndarray]) -> None:
+        js, npz = self._paths(run_key, det_key)
+        buf = io.BytesIO()
+        np.savez(buf, **scores)
+        atomic_write_bytes(npz, buf.getvalue())  # scores first: the JSON marks completion
+        atomic_write_bytes(js, json.dumps(rows, indent=1, default=float).encode())
+
+
+# ---------------------------------------------------------------------- one run
+@dataclass
+class Prepared:
+    info: ModelInfo
+    probe: Probe
+    fit: Signals
+    val: Signals
+    test: Signals
+    ood_val: dict[str, Signals]
+    ood_test: dict[str, Signals]
+    groups: dict[str, str]
+    accuracy: float | None
+
+
+def run_key(spec: BenchSpec, run: RunSpec) -> str:
+    ids = "|".join([run.model, run.id_fit.key(spec.seed), run.id_test.key(spec.seed),
+                    run.id_val.key(spec.seed) if run.id_val else "-", str(spec.ood_val)]
+                   + [o.key(spec.seed) for o in run.oods])
+    import hashlib
+
+    return f"{run.model}__{run.id_test.dataset}__{hashlib.sha256(ids.encode()).hexdigest()[:10]}"
+
+
+def prepare(spec: BenchSpec, run: RunSpec, cache: Path, progress: bool) -> Prepared:
+    info = load_model(run.model)
+    probe = Probe(info.model, head=info.head, input_std=info.std, input_mean=info.mean)
+    where = f"run {run.model}"
+
+    def signals(ref: DataRef, name: str, idx: np.ndarray | None = None, part: str = "") -> Signals:
+        ds = load_data(ref, info, spec.seed, where)
+        if idx is not None:
+            ds = ds.subset(idx)
+        x, y = ds.tensors(mean=info.mean, std=info.std)
+        folder = cache / run.model / f"{ref.key(spec.seed)}{part}"
+        return Signals(source=_source(x, y, spec.batch_size), probe=probe, name=name, cache_dir=folder,
+                       progress=progress)
+
+    fit = signals(run.id_fit, f"{run.id_fit.label} (fit)")
+    test = signals(run.id_test, f"{run.id_test.label} (test)")
+    val = signals(run.id_val, f"{run.id_val.label} (val)") if run.id_val is not None else fit
+    ood_val, ood_test, groups = {}, {}, {}
+    for i, o in enumerate(run.oods):
+        n = len(load_data(o, info, spec.seed, where))
+        vi, ti = split_holdout(n, spec.ood_val, spec.seed + 1000 + i)
+        ood_val[o.label] = signals(o, f"{o.label} (val)", vi, "-val")
+        ood_test[o.label] = signals(o, f"{o.label} (test)", ti, "-test")
+        groups[o.label] = o.group
+    # One pass per dataset for every forward-only signal the detectors share.
+    for s in [fit, test, val, *ood_test.values(), *ood_val.values()]:
+        s.require([LOGITS, FEATURES])
+    acc = None
+    if test.labels is not None and bool((test.labels >= 0).all()):
+        acc = float((test.logits.argmax(1) == test.labels).double().mean())
+    return Prepared(info, probe, fit, val, test, ood_val, ood_test, groups, acc)
+
+
+def _source(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    from .._batches import BatchSource
+
+    return BatchSource((x, y), batch_size=batch_size)
+
+
+def evaluate_detector(ref: DetectorRef, p: Prepared, bootstrap: int, seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Fit and score one detector on one run; returns metric rows and the raw scores."""
+    from .. import create
+    from ..metrics import evaluate
+
+    det = create(ref.name, **ref.params)
+    rows: list[dict] = []
+    scores: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    if det.tunes_on_ood:
+        for ood_name in p.ood_test:
+            det = create(ref.name, **ref.params).fit(p.fit, ood_val=p.ood_val[ood_name], id_val=p.val)
+            s_id, s_ood = det.score(p.test), det.score(p.ood_test[ood_name])
+            scores[f"id::{ood_name}"], scores[ood_name] = s_id, s_ood
+            rows.append(_row(ref, det, ood_name, p, evaluate(s_id, s_ood, bootstrap=bootstrap, seed=seed)))
+    else:
+        det.fit(p.fit)
+        scores["id"] = det.score(p.test)
+        for ood_name, ood in p.ood_test.items():
+            scores[ood_name] = det.score(ood)
+            rows.append(_row(ref, det, ood_name, p, evaluate(scores["id"], scores[ood_name], bootstrap=bootstrap,
+                                                             seed=seed)))
+    seconds = time.perf_counter() - t0
+    for r in rows:
+        r["seconds"] = seconds
+    return rows, scores
+
+
+def _row(ref: DetectorRef, det: Any, ood_name: str, p: Prepared, metrics: dict) -> dict:
+    out = {"detector": ref.display, "tunes_on_ood": bool(det.tunes_on_ood), "ood_set": ood_name,
+           "ood_group": p.groups[ood_name], "params": json.dumps(ref.params, sort_keys=True, default=str)}
+    for k, v in metrics.items():
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# ---------------------------------------------------------------------- whole benchmark
+def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only: list[str] | None = None,
+                  progress: bool = True, log=print) -> tuple[list[dict], dict, list[str]]:
+    """Run every (run, detector); returns (rows, scores for the report, error messages)."""
+    from tqdm.auto import tqdm
+
+    cache = cache or out / "cache"
+    store = ResultStore(out)
+    all_rows: list[dict] = []
+    report_scores: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
+    errors: list[str] = []
+    for run in spec.runs:
+        refs = [r for r in run.detectors if only is None or r.display in only or r.name in only]
+        if only is not None and not refs:
+            continue
+        key = run_key(spec, run)
+        t0 = time.perf_counter()
+        p = prepare(spec, run, cache, progress)
+        log(f"[{run.model}] ID {run.id_test.label}: accuracy "
+            f"{'n/a' if p.accuracy is None else f'{100 * p.accuracy:.2f}%'}, fit {len(p.fit)}, test {len(p.test)}, "
+            f"OOD {', '.join(f'{k} {len(v)}' for k, v in p.ood_test.items())} ({time.perf_counter() - t0:.1f} s)")
+        bar = tqdm(refs, desc=f"detectors {run.model}", unit="det", disable=not progress, leave=False)
+        for ref in bar:
+            bar.set_postfix_str(ref.display)
+            done = store.load(key, ref.key())
+            if done is None:
+                try:
+                    rows, scores = evaluate_detector(ref, p, spec.bootstrap, spec.seed)
+                except GradoodError as e:
+                    errors.append(f"{run.model} / {ref.display}: {e}")
+                    continue
+                except Exception as e:  # a detector's bug must not lose the other detectors' results
+                    errors.append(f"{run.model} / {ref.display}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                    continue
+                store.save(key, ref.key(), rows, scores)
+                done = (rows, scores)
+            rows, scores = done
+            for r in rows:
+                r.update(model=run.model, id_dataset=run.id_test.label, accuracy=p.accuracy)
+            all_rows.extend(rows)
+            report_scores[(run.model, run.id_test.label, ref.display)] = _report_scores(scores)
+        bar.close()
+    return all_rows, report_scores, errors
+
+
+def _report_scores(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The report plots one ID histogram per detector; OOD-tuned detectors have one per OOD set: use the first."""
+    out = {k: v for k, v in scores.items() if not k.startswith("id")}
+    out["id"] = scores["id"] if "id" in scores else next(v for k, v in scores.items() if k.startswith("id::"))
+    return out
+
+
+def print_tables(rows: list[dict], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=max(140, Console().width))
+    by_run: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        by_run.setdefault((r["model"], r["id_dataset"]), []).append(r)
+    for (model, id_ds), rs in by_run.items():
+        oods = list(dict.fromkeys(r["ood_set"] for r in rs))
+        acc = rs[0].get("accuracy")
+        t = Table(title=f"{model} | ID = {id_ds}" + (f" (accuracy {100 * acc:.2f}%)" if acc else "")
+                  + " | AUROC % / FPR95 %  († = tuned on OOD validation data)", title_justify="left")
+        t.add_column("detector")
+        for o in oods:
+            group = next(r["ood_group"] for r in rs if r["ood_set"] == o)
+            t.add_column(f"{o} ({group})", justify="right")
+        t.add_column("mean", justify="right")
+        best = {o: max(r["auroc"] for r in rs if r["ood_set"] == o) for o in oods}
+        for det in dict.fromkeys(r["detector"] for r in rs):
+            cells, aucs, fprs = [], [], []
+            mark = ""
+            for o in oods:
+                r = next((r for r in rs if r["detector"] == det and r["ood_set"] == o), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                mark = " †" if r["tunes_on_ood"] else ""
+                cell = f"{100 * r['auroc']:.2f} / {100 * r['fpr95']:.2f}"
+                cells.append(f"[bold]{cell}[/bold]" if r["auroc"] == best[o] else cell)
+                aucs.append(r["auroc"])
+                fprs.append(r["fpr95"])
+            mean = f"{100 * np.mean(aucs):.2f} / {100 * np.mean(fprs):.2f}" if aucs else ""
+            t.add_row(det + mark, *cells, mean)
+        console.print(t)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    spec = load_spec(args.spec)
+    out = Path(args.out)
+    cache = Path(args.cache) if args.cache else None
+    only = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    rows, scores, errors = run_benchmark(spec, out, cache, only=only, progress=not args.quiet,
+                                         log=lambda m: console.print(m))
+    elapsed = time.perf_counter() - t0
+    print_tables(rows)
+    from .report import write_report, write_tables
+
+    write_tables(out, rows)
+    if not args.no_report:
+        write_report(out, rows, scores)
+    print(f"\n{len(rows)} results in {elapsed:.1f} s; tables: {out}/results.csv, .json, .md"
+          + ("" if args.no_report else f"; report: {out}/index.html"))
+    for e in errors:
+        console.print(f"[red]error[/red] {e}")
+    return 1 if errors else 0
