@@ -28,7 +28,7 @@ def gini_impurity(p: torch.Tensor) -> torch.Tensor:
     probabilities so that confident predictions (p_max ~ 1) do not lose every digit to cancellation."""
     one_minus = 1.0 - p
     top = p.argmax(dim=1, keepdim=True)
-    rest = p.sum(dim=1, keepdim=True) - p.gather(1, top)
+    rest = p.scatter(1, top, 0.0).sum(dim=1, keepdim=True)  # sum of the others, not sum(p) - p_max
     one_minus = one_minus.scatter(1, top, rest)
     return (p * one_minus).sum(dim=1)
 
