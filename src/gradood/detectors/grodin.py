@@ -1,0 +1,185 @@
+"""GRODIN: gradient-based ODIN (method-specs.md 2.6).
+
+The full-network gradient of the predicted-label loss ``l_T(x) = -log softmax(f(x)/T)_c_hat`` factorises as
+``grad_theta l_T = -S * G`` with ``S`` the max softmax at temperature T (ODIN's score). GRODIN scores the
+G-part ``||G||^2 = ||grad l_T||^2 / S^2`` and the SG-part ``||grad l_T||^2``, after ODIN's input
+perturbation. Per-sample squared norms over all parameters come from gradood's batched engine: one
+forward and one backward per batch, never one backward per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..signals import FEATURES, LOGITS, ProbeBatch, Request, Signals
+from ._perturb import check_eps, check_grid, input_grad, pred_ce, step
+from .base import Detector, check_choice, check_positive, register, register_variant
+from .odin import ODIN_EPSILONS, ODIN_TEMPERATURES, grid_auroc
+
+PARTS = ("G", "SG", "S")
+
+
+def _params_key(params: Any) -> str:
+    return params if isinstance(params, str) else (str(params) if isinstance(params, int) else ",".join(params))
+
+
+def head_stats(logits: torch.Tensor, features: torch.Tensor, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, ||grad_{W,b} l_T||^2)`` of the head in closed form: ``||p_T - e_c||^2 (||h||^2 + 1) / T^2``."""
+    f, h = logits.double(), features.double()
+    p = torch.softmax(f / T, dim=1)
+    onehot = torch.zeros_like(p).scatter_(1, f.argmax(dim=1, keepdim=True), 1.0)
+    return p.amax(dim=1), (p - onehot).pow(2).sum(dim=1) * (h.pow(2).sum(dim=1) + 1.0) / T**2
+
+
+@dataclass(frozen=True)
+class GrodinStats(Request):
+    """``[S, ||grad_theta l_T||^2]`` at the ODIN-perturbed input for every (T, eps) of a grid:
+    ``B x (len(T) * len(eps) * 2)`` (T-major, then eps, then the pair). ``last_layer=True`` uses the closed
+    form over the head's weight and bias (``||p_T - e_c||^2 (||h||^2 + 1) / T^2``) instead of the engine."""
+
+    temperatures: tuple[float, ...]
+    epsilons: tuple[float, ...]
+    params: Any = "all"
+    last_layer: bool = False
+
+    @property
+    def key(self) -> str:
+        scope = "head" if self.last_layer else _params_key(self.params)
+        return (f"grodin:{scope}:T={list(self.temperatures)}:eps={[round(e, 8) for e in self.epsilons]}")
+
+    def compute(self, batch: ProbeBatch) -> torch.Tensor:
+        cols = []
+        for T in self.temperatures:
+            g = None
+            for eps in self.epsilons:
+                if eps > 0 and g is None:
+                    g = input_grad(batch.probe, batch.x, lambda f, _t, T=T: pred_ce(f, T))
+                x = batch.x if eps == 0 else step(batch.probe, batch.x, g, eps, direction=-1.0)
+                s, sq = self._stats(batch, x, T, eps)
+                cols += [s, sq]
+        return torch.stack(cols, dim=1)
+
+    def _stats(self, batch: ProbeBatch, x: torch.Tensor, T: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.last_layer:
+            out = batch if eps == 0 else batch.probe.forward(x, validate=False)
+            return head_stats(out.logits, out.features, T)
+        from ..grads import per_sample_grad_sqnorms
+
+        with batch.probe.eval_mode():
+            sq, out = per_sample_grad_sqnorms(batch.probe.model, x, lambda o, T=T: pred_ce(o, T),
+                                              params=self.params, return_output=True)
+        s = torch.softmax(out.detach().double() / T, dim=1).amax(dim=1)
+        return s, sq.double()
+
+
+@register("grodin")
+class GRODIN(Detector):
+    """GRODIN (Chen et al., "GRODIN: improved large-scale out-of-domain detection via back-propagation").
+
+    ``part``: "G" (default) scores ``-||G||^2 = -||grad_theta l_T||^2 / S^2``; "SG" scores
+    ``-||grad_theta l_T||^2``; "S" scores S (= ODIN). Higher = more ID (training drives the gradient of ID
+    samples towards zero). ``params``: which parameters count -- "all" (default; every parameter with
+    requires_grad, incl. BN affine and biases, method-specs' assumption), an int k (last k parametrised
+    layers) or a list of names. Inputs: the model (per-sample parameter gradients + input gradients).
+
+    ``temperature`` (1) and ``eps`` (0) are used as given ("vanilla" GRODIN, OOD-agnostic); ``tune=True``
+    picks them on an OOD validation split from ``temperatures`` x ``epsilons`` (the paper's grid: the ODIN
+    grid, 10 x 21) by AUROC -- then OOD-tuned. Cost per sample: forward + backward (+ forward + backward
+    for the perturbation when eps > 0), batched.
+    """
+
+    paper = "Sokolov et al., GRODIN: Improved Large-Scale Out-of-Domain Detection via Back-propagation, 2023"
+    signals = ("param-grads", "input-grads")
+    needs_model = True
+    last_layer = False
+
+    def __init__(self, part: str = "G", temperature: float = 1.0, eps: float = 0.0, tune: bool = False,
+                 temperatures: Sequence[float] = ODIN_TEMPERATURES, epsilons: Sequence[float] = ODIN_EPSILONS,
+                 params: Any = "all") -> None:
+        self.part = check_choice(part, "part", PARTS)
+        self.temperature = check_positive(temperature, "temperature")
+        self.eps = check_eps(eps)
+        self.tune = bool(tune)
+        self.temperatures = check_grid(temperatures, "temperature", positive=True)
+        self.epsilons = check_grid(epsilons, "eps")
+        if not (params == "all" or isinstance(params, int) or
+                (isinstance(params, (list, tuple)) and all(isinstance(p, str) for p in params))):
+            raise ConfigError(f"params must be 'all', an int or a list of parameter names, got {params!r}.")
+        self.params = tuple(params) if isinstance(params, list) else params
+
+    @property
+    def tunes_on_ood(self) -> bool:  # type: ignore[override]
+        return self.tune
+
+    def _request(self, temperatures: tuple[float, ...], epsilons: tuple[float, ...]) -> GrodinStats:
+        return GrodinStats(temperatures, epsilons, self.params, self.last_layer)
+
+    def _chosen(self) -> tuple[float, float]:
+        return (self.temperature_, self.eps_) if self.tune else (self.temperature, self.eps)
+
+    def requests(self) -> list[Request]:
+        T, eps = self._chosen()
+        return [self._request((T,), (eps,))]
+
+    def fit_requests(self) -> list[Request]:
+        return []
+
+    def part_scores(self, stats: torch.Tensor) -> torch.Tensor:
+        """ID-scores from ``[S, ||grad||^2]`` column pairs (any number of pairs): one column per pair."""
+        s, sq = stats[:, 0::2].double(), stats[:, 1::2].double()
+        if self.part == "S":
+            return s
+        if self.part == "SG":
+            return -sq
+        return -sq / s.pow(2)
+
+    def _fit(self, signals: Signals, *, ood_val: Signals | None, id_val: Signals | None) -> None:
+        if not self.tune:
+            return
+        assert ood_val is not None
+        grid = self._request(self.temperatures, self.epsilons)
+        id_s = id_val if id_val is not None else signals
+        aucs = grid_auroc(self.part_scores(id_s.get(grid)), self.part_scores(ood_val.get(grid)))
+        best = int(np.argmax(aucs))
+        self.temperature_ = self.temperatures[best // len(self.epsilons)]
+        self.eps_ = self.epsilons[best % len(self.epsilons)]
+        self.grid_auroc_ = aucs.reshape(len(self.temperatures), len(self.epsilons))
+
+    def _score(self, signals: Signals) -> torch.Tensor:
+        return self.part_scores(signals.get(self.requests()[0]))[:, 0]
+
+
+class GRODINLastLayer(GRODIN):
+    """GRODIN restricted to the classifier head's weight and bias, in closed form (no backward pass for
+    eps = 0): ``||grad l_T||^2 = ||p_T - e_c_hat||^2 (||h||^2 + 1) / T^2``. A cheap approximation, NOT the
+    paper's method (which uses all network weights). Same hyperparameters as :class:`GRODIN` (``params`` is
+    ignored)."""
+
+    signals = ("logits", "features", "input-grads")
+    last_layer = True
+
+    @property
+    def needs_model(self) -> bool:  # type: ignore[override]
+        return self.tune or self.eps > 0
+
+    def requests(self) -> list[Request]:
+        T, eps = self._chosen()
+        return [self._request((T,), (eps,))] if eps > 0 else [LOGITS, FEATURES]
+
+    def _score(self, signals: Signals) -> torch.Tensor:
+        T, eps = self._chosen()
+        if eps > 0:
+            return super()._score(signals)
+        return self.part_scores(torch.stack(head_stats(signals.logits, signals.features, T), dim=1))[:, 0]
+
+
+register_variant("grodin-sg", GRODIN, part="SG")
+register_variant("grodin-tuned", GRODIN, tune=True)
+register_variant("grodin-sg-tuned", GRODIN, part="SG", tune=True)
+register_variant("grodin-lastlayer", GRODINLastLayer)
+register_variant("grodin-lastlayer-sg", GRODINLastLayer, part="SG")

@@ -1,0 +1,377 @@
+"""Low-dimensional gradients (Wu et al., "Low-Dimensional Gradient Helps Out-of-Distribution Detection",
+arXiv 2310.17163; method-specs.md 2.7, filled in from the official code).
+
+Per-sample gradients ``g(x) = grad_theta LSE(f(x))`` over all parameters are normalised element-wise by the
+ID training gradients' mean and std (the "NFK" form, ``z = (g - mu) / sigma``) and projected onto K
+directions: the top-K principal directions of the ID ``z`` (randomised block power iteration from matrix
+products, never the N x P matrix) or the per-class mean gradients (the "average-gradient" subspace).
+The K-dim projections feed an existing score: KNN, or a linear probe (BatchNorm1d -> Linear) giving
+MSP / Energy / Mahalanobis. Everything streams over batches; only P x K basis and N x K projections are held.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, InputError
+from ..signals import FEATURES, LOGITS, ProbeBatch, Request, Signals
+from .base import Detector, check_choice, register, register_variant
+from .knn import kth_neighbour_sqdist, normalize_rows
+from .mahalanobis import TiedGaussian
+
+HEADS = ("knn", "msp", "energy", "mahalanobis")
+
+
+def energy_loss(out: torch.Tensor) -> torch.Tensor:
+    """Wu et al.'s gradient target: the energy ``LSE(f)`` at T = 1, not negated."""
+    return torch.logsumexp(out, dim=1)
+
+
+@dataclass(frozen=True, eq=False)
+class GradientBasis:
+    """A P x K basis stored per parameter (``name -> (*shape, K)``) with the NFK normalisation folded in:
+    ``z(x) . v = g(x) . (v / sigma) - mu . (v / sigma)``; ``offset`` holds ``mu . (v / sigma)`` (K,)."""
+
+    scaled: dict[str, torch.Tensor] = field(repr=False)
+    offset: torch.Tensor = field(repr=False)
+    digest: str = ""
+
+    @property
+    def k(self) -> int:
+        return int(self.offset.numel())
+
+
+@dataclass(frozen=True, eq=False)
+class GradProjections(Request):
+    """``z(x)^T V`` (``B x K``) from the batched engine."""
+
+    basis: GradientBasis = field(repr=False)
+    params: Any = "all"
+
+    @property
+    def key(self) -> str:
+        return f"gradproj:{self.basis.digest}"
+
+    def compute(self, batch: ProbeBatch) -> torch.Tensor:
+        from . import _gradops
+
+        with batch.probe.eval_mode():
+            proj = _gradops.projections(batch.probe.model, batch.x, energy_loss, self.basis.scaled, self.params)
+        return proj.double() - self.basis.offset.to(proj.device)
+
+
+def _iter_fit_batches(signals: Signals, n_fit: int | None, seed: int):
+    """Batches of the fit data (a seeded subset when n_fit < N), in a fixed order, on the model's device."""
+    if signals.probe is None or signals.source is None:
+        raise InputError("low-dimensional gradients need the model and the data: build the fit signals with "
+                         "probe.signals(data), not from arrays.")
+    return signals if n_fit is None or n_fit >= len(signals) else signals.subset(
+        np.sort(np.random.default_rng(seed).permutation(len(signals))[:n_fit]), name=f"{signals.name}[lowdim fit]")
+
+
+def _stream(signals: Signals):
+    probe = signals.probe
+    for b, (x, y) in enumerate(signals.source.iter_batches()):
+        yield probe.prepare(x, batch_index=b), y
+
+
+class SubspaceFit:
+    """Fits mu, sigma and the basis from streamed per-sample gradient statistics."""
+
+    def __init__(self, signals: Signals, params: Any, progress: bool) -> None:
+        self.signals = signals
+        self.model = signals.probe.model
+        self.params = params
+        self.progress = progress
+
+    def _bar(self, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(_stream(self.signals), total=self.signals.source.num_batches, desc=desc, leave=False,
+                    disable=not self.progress)
+
+    def moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Element-wise mean and 1/std of the per-sample gradients (zero-variance entries get the largest
+        finite 1/std, as in the official code)."""
+        from . import _gradops
+
+        sums: dict[str, torch.Tensor] = {}
+        sqs: dict[str, torch.Tensor] = {}
+        n = 0
+        with self.signals.probe.eval_mode():
+            for x, _ in self._bar("lowdim: gradient moments"):
+                s, q = _gradops.sum_and_sqsum(self.model, x, energy_loss, self.params)
+                for k in s:
+                    sums[k] = sums.get(k, 0) + s[k].double()
+                    sqs[k] = sqs.get(k, 0) + q[k].double()
+                n += x.shape[0]
+        mu = {k: v / n for k, v in sums.items()}
+        var = {k: (sqs[k] / n - mu[k].pow(2)).clamp_min(0) for k in mu}
+        inv = {k: 1.0 / v.sqrt() for k, v in var.items()}
+        finite_max = max(float(v[torch.isfinite(v)].max()) if bool(torch.isfinite(v).any()) else 0.0 for v in inv.values())
+        inv = {k: torch.where(torch.isfinite(v), v, torch.full_like(v, finite_max)) for k, v in inv.items()}
+        return mu, inv
+
+    def weighted(self, weights: torch.Tensor, desc: str) -> dict[str, torch.Tensor]:
+        """``sum_i w_ik g_i`` per parameter (``(*shape, K)``), weights ``N x K`` aligned with the data order."""
+        from . import _gradops
+
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        with self.signals.probe.eval_mode():
+            for x, _ in self._bar(desc):
+                w = weights[start: start + x.shape[0]].to(x.device, x.dtype)
+                start += x.shape[0]
+                for k, v in _gradops.weighted_sums(self.model, x, energy_loss, w, self.params).items():
+                    out[k] = out.get(k, 0) + v.double()
+        return out
+
+    def project(self, basis: dict[str, torch.Tensor], offset: torch.Tensor, desc: str) -> torch.Tensor:
+        from . import _gradops
+
+        rows = []
+        with self.signals.probe.eval_mode():
+            for x, _ in self._bar(desc):
+                p = _gradops.projections(self.model, x, energy_loss, {k: v.to(x.dtype) for k, v in basis.items()},
+                                         self.params)
+                rows.append(p.double().cpu() - offset)
+        return torch.cat(rows)
+
+
+def _flat(d: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    return torch.cat([v.reshape(-1, k) for v in d.values()])
+
+
+def _unflat(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for name, ref in like.items():
+        n = ref.numel()
+        out[name] = flat[i: i + n].reshape(*ref.shape, flat.shape[1])
+        i += n
+    return out
+
+
+def fit_subspace(signals: Signals, *, subspace: str, k_dims: int, power_iters: int, params: Any, seed: int,
+                 progress: bool = True) -> GradientBasis:
+    """mu, sigma and the P x K basis V, as a :class:`GradientBasis` with the normalisation folded in."""
+    fit = SubspaceFit(signals, params, progress)
+    mu, inv = fit.moments()
+    P = sum(v.numel() for v in mu.values())
+    n = len(signals)
+    if subspace == "pca":
+        if k_dims > min(P, n):
+            raise ConfigError(f"k_dims={k_dims} exceeds min(#parameters={P}, #fit samples={n}): lower k_dims.")
+        v = _power_iteration(fit, mu, inv, k_dims, power_iters, seed, n)
+    else:
+        y = signals.labels
+        if y is None:
+            raise InputError("the average-gradient subspace needs the ID labels: pass (inputs, labels) data.")
+        C = int(y.max()) + 1
+        onehot = torch.zeros(n, C, dtype=torch.float64).scatter_(1, y.long().view(-1, 1), 1.0)
+        counts = onehot.sum(0).clamp_min(1)
+        sums = _flat(fit.weighted(onehot, "lowdim: class mean gradients"), C)
+        mu_f, inv_f = _flat_vec(mu), _flat_vec(inv)
+        v = (sums / counts - mu_f[:, None]) * inv_f[:, None]
+        v = v / v.norm(dim=0, keepdim=True).clamp_min(1e-30)  # L2-normalised columns, not orthogonalised
+    inv_f, mu_f = _flat_vec(inv), _flat_vec(mu)
+    scaled = v * inv_f[:, None]
+    offset = (mu_f[:, None] * scaled).sum(0)
+    digest = hashlib.sha256(scaled[:: max(1, scaled.shape[0] // 4096)].numpy().tobytes()).hexdigest()[:16]
+    return GradientBasis(_unflat(scaled.float(), mu), offset, digest)
+
+
+def _flat_vec(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in d.values()])
+
+
+def _power_iteration(fit: SubspaceFit, mu: dict, inv: dict, k: int, iters: int, seed: int, n: int) -> torch.Tensor:
+    """Top-k right singular vectors of Z = (G - mu) * inv via randomised block power iteration:
+    Y = Z W (projections), Q = orth(Y), W = Z^T Q (weighted gradient sums), repeated; never forms Z."""
+    mu_f, inv_f = _flat_vec(mu), _flat_vec(inv)
+    g = torch.Generator().manual_seed(seed)
+    W = torch.linalg.qr(torch.randn(mu_f.numel(), k, generator=g, dtype=torch.float64))[0]
+    for it in range(iters + 1):
+        scaled = W * inv_f[:, None]
+        Y = fit.project(_unflat(scaled.float(), mu), (mu_f[:, None] * scaled).sum(0), f"lowdim: Z V ({it + 1}/{iters + 1})")
+        Q = torch.linalg.qr(Y)[0]
+        ZtQ = _flat(fit.weighted(Q, f"lowdim: Z^T Q ({it + 1}/{iters + 1})"), k)
+        ZtQ = (ZtQ - mu_f[:, None] * Q.sum(0)[None, :]) * inv_f[:, None]
+        W = torch.linalg.qr(ZtQ)[0] if it < iters else ZtQ
+    # B = Q^T Z = W^T (k x P); right singular vectors of B from its k x k Gram matrix.
+    gram = W.T @ W
+    evals, evecs = torch.linalg.eigh(gram)
+    order = torch.argsort(evals, descending=True)
+    evals, evecs = evals[order].clamp_min(1e-30), evecs[:, order]
+    return (W @ evecs) / evals.sqrt()[None, :]
+
+
+class LinearProbe(nn.Module):
+    """The official code's probe on the reduced gradients: BatchNorm1d(K) -> Linear(K, C)."""
+
+    def __init__(self, k: int, c: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(k)
+        self.fc = nn.Linear(k, c)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(z))
+
+
+def train_probe(z: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> LinearProbe:
+    """SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128 (the official recipe), seeded."""
+    torch.manual_seed(seed)
+    C = int(y.max()) + 1
+    probe = LinearProbe(z.shape[1], C)
+    opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    zf, yl = z.float(), y.long()
+    probe.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(zf), generator=g).split(128):
+            if len(idx) < 2:
+                continue
+            opt.zero_grad()
+            nn.functional.cross_entropy(probe(zf[idx]), yl[idx]).backward()
+            opt.step()
+    return probe.eval()
+
+
+@register("lowdim")
+class LowDimGradient(Detector):
+    """Low-dimensional gradient OOD score (Wu et al., arXiv 2310.17163). Higher = more ID.
+
+    Fit (streaming, bounded memory) on ID training data: mu and sigma of per-sample energy gradients; the
+    P x K basis (``subspace``: "pca" = top ``k_dims`` principal directions by randomised block power
+    iteration with ``power_iters`` refinements, or "average" = per-class mean gradients, K = C, L2-normalised
+    columns); the ID projections; then the head.
+
+    Heads (``head``): "knn" (L2-normalised projections, ``knn_k``-th neighbour distance, default 5 as the
+    official CIFAR setting), or a linear probe trained on the projections (``probe_epochs`` 10) scored by
+    "msp", "energy" or "mahalanobis" (tied covariance on the projections, true labels). ``ensemble`` a
+    (default 0): the forward + backward ensemble described in the paper summary but absent from the official
+    code -- ``z(S_grad) + a * z(S_fwd)`` with S_fwd the same head on the penultimate features (KNN on
+    normalised features; energy/MSP on the logits; Mahalanobis on the features), z-scored with ID fit
+    statistics; NOT verified against the paper. ``n_fit`` (5000; None = all fit samples), ``params``
+    ("all"), ``seed`` (0).
+
+    Inputs: the model (per-sample full-network gradients, one batched backward per batch) + labels for the
+    probe / average subspace / Mahalanobis.
+    """
+
+    paper = "Wu et al., Low-Dimensional Gradient Helps Out-of-Distribution Detection, arXiv 2310.17163"
+    signals = ("param-grads", "features")
+    fits_on_id = True
+    needs_model = True
+
+    def __init__(self, subspace: str = "pca", k_dims: int = 32, head: str = "knn", knn_k: int = 5,
+                 power_iters: int = 2, probe_epochs: int = 10, ensemble: float = 0.0, n_fit: int | None = 5000,
+                 params: Any = "all", seed: int = 0) -> None:
+        self.subspace = check_choice(subspace, "subspace", ("pca", "average"))
+        if int(k_dims) < 1:
+            raise ConfigError(f"k_dims must be >= 1, got {k_dims!r}.")
+        self.k_dims = int(k_dims)
+        self.head = check_choice(head, "head", HEADS)
+        if int(knn_k) < 1:
+            raise ConfigError(f"knn_k must be >= 1, got {knn_k!r}.")
+        self.knn_k = int(knn_k)
+        if int(power_iters) < 0:
+            raise ConfigError(f"power_iters must be >= 0, got {power_iters!r}.")
+        self.power_iters = int(power_iters)
+        self.probe_epochs = int(probe_epochs)
+        if not math.isfinite(float(ensemble)) or float(ensemble) < 0:
+            raise ConfigError(f"ensemble must be a finite weight >= 0, got {ensemble!r}.")
+        self.ensemble = float(ensemble)
+        if n_fit is not None and int(n_fit) < 2:
+            raise ConfigError(f"n_fit must be >= 2 or None, got {n_fit!r}.")
+        self.n_fit = None if n_fit is None else int(n_fit)
+        self.params = params
+        self.seed = int(seed)
+
+    def fit_requests(self) -> list[Request]:
+        return [LOGITS, FEATURES]
+
+    def _basis_for(self, signals: Signals) -> GradientBasis:
+        """The fitted basis, shared by every lowdim detector fitted on the same signals with the same
+        subspace settings (the expensive part: several passes over the fit data)."""
+        memo = signals.__dict__.setdefault("_lowdim_bases", {})
+        key = (self.subspace, self.k_dims if self.subspace == "pca" else None, self.power_iters, str(self.params),
+               self.n_fit, self.seed)
+        if key not in memo:
+            fit_data = _iter_fit_batches(signals, self.n_fit, self.seed)
+            memo[key] = (fit_subspace(fit_data, subspace=self.subspace, k_dims=self.k_dims,
+                                      power_iters=self.power_iters, params=self.params, seed=self.seed,
+                                      progress=signals.progress), fit_data)
+        return memo[key]
+
+    def _fit(self, signals: Signals, **_: object) -> None:
+        self.basis_, fit_data = self._basis_for(signals)
+        self.request_ = GradProjections(self.basis_, self.params)
+        z = fit_data.get(self.request_)
+        self.k_dims_ = z.shape[1]
+        y = fit_data.labels
+        if self.head == "knn":
+            self.bank_ = normalize_rows(z.float())
+            if self.knn_k > len(self.bank_):
+                raise InputError(f"knn_k={self.knn_k} exceeds the {len(self.bank_)} fit samples.")
+        else:
+            if y is None:
+                raise InputError(f"the {self.head} head trains a probe on the ID labels: pass (inputs, labels) data.")
+            self.probe_ = train_probe(z, y, self.probe_epochs, self.seed)
+            if self.head == "mahalanobis":
+                self.gaussian_ = TiedGaussian.fit(z, y)
+        if self.ensemble > 0:
+            self._fit_forward(fit_data, z)
+
+    def _grad_scores(self, z: torch.Tensor) -> torch.Tensor:
+        if self.head == "knn":
+            return -kth_neighbour_sqdist(normalize_rows(z.float()), self.bank_, self.knn_k).double().sqrt()
+        if self.head == "mahalanobis":
+            return -self.gaussian_.sqdists(z).amin(dim=1)
+        with torch.no_grad():
+            logits = self.probe_(z.float()).double()
+        if self.head == "msp":
+            return torch.softmax(logits, dim=1).amax(dim=1)
+        return torch.logsumexp(logits, dim=1)
+
+    def _forward_scores(self, signals: Signals) -> torch.Tensor:
+        if self.head == "knn":
+            q = normalize_rows(signals.features.float())
+            return -kth_neighbour_sqdist(q, self.fwd_bank_, self.knn_k).double().sqrt()
+        if self.head == "mahalanobis":
+            return -self.fwd_gaussian_.sqdists(signals.features).amin(dim=1)
+        if self.head == "msp":
+            return torch.softmax(signals.logits.double(), dim=1).amax(dim=1)
+        return torch.logsumexp(signals.logits.double(), dim=1)
+
+    def _fit_forward(self, fit_data: Signals, z: torch.Tensor) -> None:
+        if self.head == "knn":
+            self.fwd_bank_ = normalize_rows(fit_data.features.float())
+        if self.head == "mahalanobis":
+            self.fwd_gaussian_ = TiedGaussian.fit(fit_data.features, fit_data.labels)
+        sg, sf = self._grad_scores(z), self._forward_scores(fit_data)
+        self.z_stats_ = (float(sg.mean()), float(sg.std()) or 1.0, float(sf.mean()), float(sf.std()) or 1.0)
+
+    def requests(self) -> list[Request]:
+        return [self.request_, LOGITS, FEATURES] if self.ensemble > 0 else [self.request_]
+
+    def _score(self, signals: Signals) -> torch.Tensor:
+        sg = self._grad_scores(signals.get(self.request_))
+        if self.ensemble == 0:
+            return sg
+        mg, sdg, mf, sdf = self.z_stats_
+        return (sg - mg) / sdg + self.ensemble * (self._forward_scores(signals) - mf) / sdf
+
+
+register_variant("lowdim-pca-energy", LowDimGradient, head="energy")
+register_variant("lowdim-pca-msp", LowDimGradient, head="msp")
+register_variant("lowdim-pca-mahalanobis", LowDimGradient, head="mahalanobis")
+register_variant("lowdim-avg-knn", LowDimGradient, subspace="average")
+register_variant("lowdim-avg-energy", LowDimGradient, subspace="average", head="energy")
+register_variant("lowdim-pca-knn-ensemble", LowDimGradient, ensemble=1.0)
