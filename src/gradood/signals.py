@@ -379,7 +379,7 @@ class Signals:
             else:
                 atomic_write_bytes(self.cache_dir / "labels.none", b"")
             self._save_meta()
-            if partial is not None:
+            if partial is not None and partial.is_dir():  # no shard was written when the data is short
                 for f in partial.glob("*"):
                     f.unlink()
                 partial.rmdir()
