@@ -22,6 +22,16 @@ from ..errors import ChecksumError
 CACHE_ENV = "GRADOOD_CACHE"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by the owner only; cached and saved files get the usual permissions instead.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def cache_dir() -> Path:
     """The root of gradood's cache (created on first use)."""
     env = os.environ.get(CACHE_ENV)
@@ -83,6 +93,7 @@ def atomic_target(dest: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, _FILE_MODE)
     try:
         yield tmp_path
         os.replace(tmp_path, dest)
