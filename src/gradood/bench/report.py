@@ -245,7 +245,8 @@ def _json_text(rows: list[dict]) -> str:
 
 
 def _md_escape(text: str) -> str:
-    return re.sub(r"([\\|*_`\[\]<>])", r"\\\1", str(text))
+    # Markdown/table syntax, inline HTML and $ (math on GitHub) are shown literally.
+    return re.sub(r"([\\|*_`\[\]<>$#])", r"\\\1", str(text))
 
 
 def _md_text(rows: list[dict], title: str) -> str:
