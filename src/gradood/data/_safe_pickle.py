@@ -37,16 +37,16 @@ def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-def _numpy_multiarray() -> Any:
+def _numpy_core() -> tuple[Any, Any]:
     # numpy >= 2 moved numpy.core to numpy._core; old pickles still name numpy.core.multiarray.
     try:
-        from numpy._core import multiarray
+        from numpy._core import multiarray, numeric
     except ImportError:  # numpy < 2
-        from numpy.core import multiarray  # type: ignore[no-redef]
-    return multiarray
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    return multiarray, numeric
 
 
-_MULTIARRAY = _numpy_multiarray()
+_MULTIARRAY, _NUMERIC = _numpy_core()
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
@@ -54,6 +54,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "_reconstruct"): _MULTIARRAY._reconstruct,
     ("numpy.core.multiarray", "scalar"): _MULTIARRAY.scalar,
     ("numpy._core.multiarray", "scalar"): _MULTIARRAY.scalar,
+    # Protocol 5 rebuilds arrays from an in-band buffer: frombuffer(buf, dtype).reshape(shape), nothing else.
+    ("numpy.core.numeric", "_frombuffer"): _NUMERIC._frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _NUMERIC._frombuffer,
     ("_codecs", "encode"): _encode_latin1,
 }
 

