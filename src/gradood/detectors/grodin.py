@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..grads import per_sample_grad_sqnorms
 from ..signals import FEATURES, LOGITS, ProbeBatch, Request, Signals
 from ._perturb import check_eps, check_grid, input_grad, pred_ce, step
 from .base import Detector, check_choice, check_positive, register, register_variant
@@ -68,8 +69,6 @@ class GrodinStats(Request):
         if self.last_layer:
             out = batch if eps == 0 else batch.probe.forward(x, validate=False)
             return head_stats(out.logits, out.features, T)
-        from ..grads import per_sample_grad_sqnorms
-
         with batch.probe.eval_mode():
             sq, out = per_sample_grad_sqnorms(batch.probe.model, x, lambda o, T=T: pred_ce(o, T),
                                               params=self.params, return_output=True)

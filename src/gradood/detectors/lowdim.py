@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..grads import GradBasis, GradMoments, grad_moments, per_sample_grad_projections, weighted_grad_sums
 from ..signals import FEATURES, LOGITS, ProbeBatch, Request, Signals
 from .base import Detector, check_choice, register, register_variant
 from .knn import kth_neighbour_sqdist, normalize_rows
@@ -36,16 +37,15 @@ def energy_loss(out: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class GradientBasis:
-    """A P x K basis stored per parameter (``name -> (*shape, K)``) with the NFK normalisation folded in:
-    ``z(x) . v = g(x) . (v / sigma) - mu . (v / sigma)``; ``offset`` holds ``mu . (v / sigma)`` (K,)."""
+    """The fitted P x K basis with its NFK normalisation (an engine :class:`~gradood.grads.GradBasis` whose
+    directions, centre mu and scale 1/sigma are stored per parameter) and a content digest for cache keys."""
 
-    scaled: dict[str, torch.Tensor] = field(repr=False)
-    offset: torch.Tensor = field(repr=False)
+    basis: GradBasis = field(repr=False)
     digest: str = ""
 
     @property
     def k(self) -> int:
-        return int(self.offset.numel())
+        return self.basis.k
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,11 +60,8 @@ class GradProjections(Request):
         return f"gradproj:{self.basis.digest}"
 
     def compute(self, batch: ProbeBatch) -> torch.Tensor:
-        from . import _gradops
-
         with batch.probe.eval_mode():
-            proj = _gradops.projections(batch.probe.model, batch.x, energy_loss, self.basis.scaled, self.params)
-        return proj.double() - self.basis.offset.to(proj.device)
+            return per_sample_grad_projections(batch.probe.model, batch.x, energy_loss, self.basis.basis).double()
 
 
 def _iter_fit_batches(signals: Signals, n_fit: int | None, seed: int):
@@ -99,49 +96,33 @@ class SubspaceFit:
 
     def moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Element-wise mean and 1/std of the per-sample gradients (zero-variance entries get the largest
-        finite 1/std, as in the official code)."""
-        from . import _gradops
-
-        sums: dict[str, torch.Tensor] = {}
-        sqs: dict[str, torch.Tensor] = {}
-        n = 0
+        finite 1/std, as in the official code), float64."""
+        mom = GradMoments()
         with self.signals.probe.eval_mode():
             for x, _ in self._bar("lowdim: gradient moments"):
-                s, q = _gradops.sum_and_sqsum(self.model, x, energy_loss, self.params)
-                for k in s:
-                    sums[k] = sums.get(k, 0) + s[k].double()
-                    sqs[k] = sqs.get(k, 0) + q[k].double()
-                n += x.shape[0]
-        mu = {k: v / n for k, v in sums.items()}
-        var = {k: (sqs[k] / n - mu[k].pow(2)).clamp_min(0) for k in mu}
-        inv = {k: 1.0 / v.sqrt() for k, v in var.items()}
-        finite_max = max(float(v[torch.isfinite(v)].max()) if bool(torch.isfinite(v).any()) else 0.0 for v in inv.values())
-        inv = {k: torch.where(torch.isfinite(v), v, torch.full_like(v, finite_max)) for k, v in inv.items()}
-        return mu, inv
+                grad_moments(self.model, x, energy_loss, params=self.params, into=mom)
+        return {k: v.cpu() for k, v in mom.mean().items()}, {k: v.cpu() for k, v in mom.inverse_std().items()}
 
     def weighted(self, weights: torch.Tensor, desc: str) -> dict[str, torch.Tensor]:
         """``sum_i w_ik g_i`` per parameter (``(*shape, K)``), weights ``N x K`` aligned with the data order."""
-        from . import _gradops
-
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] | None = None
         start = 0
         with self.signals.probe.eval_mode():
             for x, _ in self._bar(desc):
-                w = weights[start: start + x.shape[0]].to(x.device, x.dtype)
+                w = weights[start: start + x.shape[0]]
                 start += x.shape[0]
-                for k, v in _gradops.weighted_sums(self.model, x, energy_loss, w, self.params).items():
-                    out[k] = out.get(k, 0) + v.double()
-        return out
+                out = weighted_grad_sums(self.model, x, energy_loss, w, params=self.params, into=out)
+        assert out is not None
+        return {k: v.double().cpu() for k, v in out.items()}
 
-    def project(self, basis: dict[str, torch.Tensor], offset: torch.Tensor, desc: str) -> torch.Tensor:
-        from . import _gradops
-
+    def project(self, directions: dict[str, torch.Tensor], center: dict[str, torch.Tensor],
+                scale: dict[str, torch.Tensor], desc: str) -> torch.Tensor:
+        """``z(x)^T V`` of every fit sample (``N x K``)."""
+        basis = GradBasis(directions, center=center, scale=scale)
         rows = []
         with self.signals.probe.eval_mode():
             for x, _ in self._bar(desc):
-                p = _gradops.projections(self.model, x, energy_loss, {k: v.to(x.dtype) for k, v in basis.items()},
-                                         self.params)
-                rows.append(p.double().cpu() - offset)
+                rows.append(per_sample_grad_projections(self.model, x, energy_loss, basis).double().cpu())
         return torch.cat(rows)
 
 
@@ -180,11 +161,11 @@ def fit_subspace(signals: Signals, *, subspace: str, k_dims: int, power_iters: i
         mu_f, inv_f = _flat_vec(mu), _flat_vec(inv)
         v = (sums / counts - mu_f[:, None]) * inv_f[:, None]
         v = v / v.norm(dim=0, keepdim=True).clamp_min(1e-30)  # L2-normalised columns, not orthogonalised
-    inv_f, mu_f = _flat_vec(inv), _flat_vec(mu)
-    scaled = v * inv_f[:, None]
-    offset = (mu_f[:, None] * scaled).sum(0)
-    digest = hashlib.sha256(scaled[:: max(1, scaled.shape[0] // 4096)].numpy().tobytes()).hexdigest()[:16]
-    return GradientBasis(_unflat(scaled.float(), mu), offset, digest)
+    digest = hashlib.sha256(v[:: max(1, v.shape[0] // 4096)].numpy().tobytes()).hexdigest()[:16]
+    dtype = next(signals.probe.model.parameters()).dtype
+    basis = GradBasis({k: t.to(dtype) for k, t in _unflat(v, mu).items()},
+                      center={k: t.to(dtype) for k, t in mu.items()}, scale={k: t.to(dtype) for k, t in inv.items()})
+    return GradientBasis(basis, digest)
 
 
 def _flat_vec(d: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -198,8 +179,7 @@ def _power_iteration(fit: SubspaceFit, mu: dict, inv: dict, k: int, iters: int, 
     g = torch.Generator().manual_seed(seed)
     W = torch.linalg.qr(torch.randn(mu_f.numel(), k, generator=g, dtype=torch.float64))[0]
     for it in range(iters + 1):
-        scaled = W * inv_f[:, None]
-        Y = fit.project(_unflat(scaled.float(), mu), (mu_f[:, None] * scaled).sum(0), f"lowdim: Z V ({it + 1}/{iters + 1})")
+        Y = fit.project(_unflat(W, mu), mu, inv, f"lowdim: Z V ({it + 1}/{iters + 1})")
         Q = torch.linalg.qr(Y)[0]
         ZtQ = _flat(fit.weighted(Q, f"lowdim: Z^T Q ({it + 1}/{iters + 1})"), k)
         ZtQ = (ZtQ - mu_f[:, None] * Q.sum(0)[None, :]) * inv_f[:, None]
