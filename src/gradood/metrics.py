@@ -142,61 +142,74 @@ def _tally(s_id: np.ndarray, s_ood: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 
 # ------------------------------------------------------------------ kernels on counts (shape (..., U))
-# Each kernel takes per-value counts in descending score order along the last axis and returns one value
-# per leading index. Counts that are zero at some value (bootstrap resamples) add a repeated ROC point,
-# which changes no metric.
-def _k_auroc(c_id: np.ndarray, c_ood: np.ndarray) -> np.ndarray:
+class _Curve:
+    """Per-value counts in descending score order along the last axis, and their cumulative sums.
+
+    ``tps[..., j]`` = ID samples with score >= value j (accepted), ``fps`` the same for OOD. Built once
+    and shared by every kernel. Counts that are zero at some value (bootstrap resamples) add a repeated
+    ROC point, which changes no metric.
+    """
+
+    def __init__(self, c_id: np.ndarray, c_ood: np.ndarray) -> None:
+        self.c_id, self.c_ood = c_id, c_ood
+        self.tps = np.cumsum(c_id, axis=-1)
+        self.fps = np.cumsum(c_ood, axis=-1)
+        self.n_id = self.tps[..., -1:]
+        self.n_ood = self.fps[..., -1:]
+
+
+# Each kernel maps a _Curve to one value per leading index.
+def _k_auroc(c: _Curve) -> np.ndarray:
     # Trapezoid over the ROC steps = for each OOD sample, #ID strictly above + half #ID tied.
     # Integer arithmetic until the final division keeps it exact.
-    tps = np.cumsum(c_id, axis=-1)
-    twice_area = np.sum(c_ood * (2 * tps - c_id), axis=-1)
-    return twice_area / (2.0 * tps[..., -1] * c_ood.sum(axis=-1))
+    twice_area = np.sum(c.c_ood * (2 * c.tps - c.c_id), axis=-1)
+    return twice_area / (2.0 * c.n_id[..., 0] * c.n_ood[..., 0])
 
 
-def _k_fpr_at_tpr(c_id: np.ndarray, c_ood: np.ndarray, tpr: float = 0.95, rule: str = "at_least") -> np.ndarray:
-    tps = np.cumsum(c_id, axis=-1)
-    fps = np.cumsum(c_ood, axis=-1)
-    rate = tps / tps[..., -1:]
+def _k_fpr_at_tpr(c: _Curve, tpr: float = 0.95, rule: str = "at_least") -> np.ndarray:
+    rate = c.tps / c.n_id  # float64, as sklearn's roc_curve computes TPR
     if rule == "at_least":
         idx = np.argmax(rate >= tpr, axis=-1)  # exists: the last point has rate 1 >= tpr
     else:  # "nearest": GradNorm's argmin |recall - level| over points up to full recall, ties -> later
         dist = np.abs(rate - tpr)
         u = dist.shape[-1]
-        full = np.argmax(tps == tps[..., -1:], axis=-1)
+        full = np.argmax(c.tps == c.n_id, axis=-1)
         dist = np.where(np.arange(u) > full[..., None], np.inf, dist)
         idx = (u - 1) - np.argmin(dist[..., ::-1], axis=-1)
-    chosen = np.take_along_axis(fps, np.asarray(idx)[..., None], axis=-1)[..., 0]
-    return chosen / fps[..., -1]
+    chosen = np.take_along_axis(c.fps, np.asarray(idx)[..., None], axis=-1)[..., 0]
+    return chosen / c.n_ood[..., 0]
 
 
-def _k_average_precision(c_pos: np.ndarray, c_neg: np.ndarray) -> np.ndarray:
-    tps = np.cumsum(c_pos, axis=-1)
-    predicted = tps + np.cumsum(c_neg, axis=-1)
-    precision = np.divide(tps, predicted, out=np.zeros(tps.shape), where=predicted > 0)
-    # recall increases only where positives sit: sum_k (R_k - R_{k-1}) P_k
-    return np.sum(c_pos * precision, axis=-1) / tps[..., -1]
+def _average_precision(c_pos: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
+    """``sum_k (R_k - R_{k-1}) P_k``: recall only moves where positives sit (``c_pos``), in any order."""
+    # Where nothing is predicted positive, tp = 0 too: max(., 1) makes that 0/1 = 0 without a masked divide.
+    precision = tp / np.maximum(tp + fp, 1)
+    return np.einsum("...j,...j->...", c_pos, precision) / n_pos[..., 0]
 
 
-def _k_aupr_in(c_id: np.ndarray, c_ood: np.ndarray) -> np.ndarray:
-    return _k_average_precision(c_id, c_ood)
+def _k_aupr_in(c: _Curve) -> np.ndarray:
+    return _average_precision(c.c_id, c.tps, c.fps, c.n_id)
 
 
-def _k_aupr_out(c_id: np.ndarray, c_ood: np.ndarray) -> np.ndarray:
-    # OOD positive with negated scores: the same values walked in ascending score order.
-    return _k_average_precision(c_ood[..., ::-1], c_id[..., ::-1])
+def _k_aupr_out(c: _Curve) -> np.ndarray:
+    # OOD positive, negated score: at value j the accepted-as-OOD set is score <= value j, whose counts
+    # follow from the descending cumulative sums without re-sorting.
+    ood_le = c.n_ood - c.fps + c.c_ood
+    id_le = c.n_id - c.tps + c.c_id
+    return _average_precision(c.c_ood, ood_le, id_le, c.n_ood)
 
 
-def _k_detection_error(c_id: np.ndarray, c_ood: np.ndarray) -> np.ndarray:
-    tps = np.cumsum(c_id, axis=-1)
-    fps = np.cumsum(c_ood, axis=-1)
-    err = 0.5 * (1.0 - tps / tps[..., -1:]) + 0.5 * (fps / fps[..., -1:])
-    return np.minimum(err.min(axis=-1), 0.5)  # 0.5: threshold above every score (reject all)
+def _k_detection_error(c: _Curve) -> np.ndarray:
+    # 0.5 (1 - TPR) + 0.5 FPR = (n_ood (n_id - tps) + n_id fps) / (2 n_id n_ood): minimised in integers.
+    num = c.n_ood * (c.n_id - c.tps) + c.n_id * c.fps
+    best = num.min(axis=-1) / (2.0 * c.n_id[..., 0] * c.n_ood[..., 0])
+    return np.minimum(best, 0.5)  # 0.5: threshold above every score (reject all)
 
 
 # ---------------------------------------------------------------------------------------- public API
 def _point(kernel: Callable[..., np.ndarray], scores_id: Any, scores_ood: Any, **kw: Any) -> float:
     _, c_id, c_ood, _ = _tally(*_pair(scores_id, scores_ood))
-    return float(kernel(c_id, c_ood, **kw))
+    return float(kernel(_Curve(c_id, c_ood), **kw))
 
 
 def auroc(scores_id: Any, scores_ood: Any) -> float:
@@ -342,7 +355,7 @@ def bootstrap_ci(metric_fn: Callable[..., float], scores_id: Any, scores_ood: An
     kernel, kw = found
     _, _, _, pos = _tally(s_id, s_ood)
     u = int(pos.max()) + 1
-    stats = np.concatenate([kernel(a, b, **kw) for a, b in _resampled_counts(pos, s_id.size, u, n_boot, seed)])
+    stats = np.concatenate([kernel(_Curve(a, b), **kw) for a, b in _resampled_counts(pos, s_id.size, u, n_boot, seed)])
     return _interval(stats, level)
 
 
@@ -368,13 +381,15 @@ def evaluate(scores_id: Any, scores_ood: Any, *, bootstrap: int = 0, seed: int =
     s_id, s_ood = _pair(scores_id, scores_ood)
     _, c_id, c_ood, pos = _tally(s_id, s_ood)
     kernels = {key: _KERNELS[fn] for key, fn in _EVALUATE.items()}
-    out: dict[str, Any] = {key: float(k(c_id, c_ood, **kw)) for key, (k, kw) in kernels.items()}
+    curve = _Curve(c_id, c_ood)
+    out: dict[str, Any] = {key: float(k(curve, **kw)) for key, (k, kw) in kernels.items()}
     if bootstrap:
         n_boot, level = _check_boot(bootstrap, level)
         stats: dict[str, list[np.ndarray]] = {key: [] for key in kernels}
         for a, b in _resampled_counts(pos, s_id.size, c_id.size, n_boot, seed):
+            curve = _Curve(a, b)  # cumulative sums shared by all six metrics
             for key, (k, kw) in kernels.items():
-                stats[key].append(k(a, b, **kw))
+                stats[key].append(k(curve, **kw))
         for key in kernels:
             out[f"{key}_ci"] = _interval(np.concatenate(stats[key]), level)
     return out

@@ -443,9 +443,11 @@ def write_report(out_dir: str | os.PathLike, results: Iterable[Mapping[str, Any]
                  title: str = "gradood benchmark report", plots: bool = True) -> Path:
     """Write the report folder (``index.html``, ``plots/``, ``results.{csv,json,md}``); return index.html.
 
-    ``results`` and ``scores`` are described in the module docstring. One PNG per (model, ID dataset,
-    detector) found in ``scores`` (ROC curves of all its OOD sets + ID-vs-OOD histograms); ``plots=False``
-    skips them. Re-running overwrites files in place (atomically).
+    ``results`` and ``scores`` are described in the module docstring; a result row is typically
+    ``{model, id_dataset, ood_set, ood_group, detector, tunes_on_ood, **gradood.metrics.evaluate(...)}``.
+    One PNG per (model, ID dataset, detector) present in both ``results`` and ``scores`` (ROC curves of
+    all its OOD sets + ID-vs-OOD histograms; ~0.2 s each); ``plots=False`` skips them. Re-running
+    overwrites files in place (atomically).
     """
     rows = _normalise(results)
     out = Path(out_dir)
