@@ -133,7 +133,7 @@ class Probe:
         ]
         try:
             with torch.no_grad(), self.eval_mode():
-                self.model(x)
+                self._run_model(x)  # a model failing on the first batch gets the same InputError as below
         finally:
             for h in handles:
                 h.remove()

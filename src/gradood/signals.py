@@ -365,7 +365,8 @@ class Signals:
         finally:
             bar.close()
         if b < 0:
-            raise InputError(f"the dataset {self.name!r} is empty: there are no samples to score.")
+            raise InputError(f"the dataset {self.name!r} is empty: there are no samples to score. Check the "
+                             "path, filters and split that build it.")
         for k in keys:
             self._tensors[k] = torch.cat(chunks[k])
         if not self._labels_known:
