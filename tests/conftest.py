@@ -144,3 +144,34 @@ class ConvHeadNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cls(self.pool(torch.relu(self.conv(x)))).flatten(1)
+
+
+class BNCNN(nn.Module):
+    """``conv1 -> bn1 (BatchNorm2d) -> act1 (ReLU) -> conv2 -> act2 (ReLU) -> global avg pool -> fc``. Head: ``fc``.
+
+    The BatchNorm has non-trivial running statistics and affine parameters, so eval mode and train mode
+    give different outputs. Activations are ``nn.ReLU`` modules (tappable by name: ``act1``, ``act2``).
+    """
+
+    def __init__(self, in_ch: int = 2, width: int = 5, n_classes: int = 4, *, logit_scale: float = 3.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 3, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(3, width, 3, padding=1)
+        self.act2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, n_classes)
+        with torch.no_grad():
+            self.bn1.running_mean.uniform_(-0.3, 0.3)
+            self.bn1.running_var.uniform_(0.5, 2.0)
+            self.bn1.weight.uniform_(0.5, 1.5)
+            self.bn1.bias.uniform_(-0.2, 0.2)
+            self.fc.weight.mul_(logit_scale)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.pool(a).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
