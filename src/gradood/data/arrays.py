@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -48,12 +48,12 @@ class ArrayDataset:
     split: str = "all"
     source: str = ""
     licence: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         x, y = self.images, self.labels
         if not isinstance(x, np.ndarray) or x.ndim != 4:
-            raise InputError(f"{self.name}: images must be an N x C x H x W array, got shape {getattr(x, 'shape', None)}.")
+            raise InputError(f"{self.name}: images must be an N x C x H x W array, "
+                             f"got shape {getattr(x, 'shape', None)}.")
         if x.dtype not in (np.uint8, np.float32):
             raise InputError(f"{self.name}: images must be uint8 or float32, got {x.dtype}.")
         if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (len(x),):
@@ -158,8 +158,7 @@ class ArrayDataset:
         x = self.float_images()
         if c == 1:
             out = np.repeat(x, channels, axis=1)
-            mean, std = self.mean * channels if len(self.mean) == 1 else self.mean, \
-                self.std * channels if len(self.std) == 1 else self.std
+            mean, std = self.mean * channels, self.std * channels  # 1-tuples repeated per channel
         elif c == 3 and channels == 1:
             w = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)
             out = (x * w).sum(axis=1, keepdims=True).astype(np.float32)

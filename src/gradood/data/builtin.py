@@ -273,6 +273,8 @@ def load_foolbox_samples(dataset: str, split: str = "all", *, size: int | None =
     ``size`` resizes (bicubic, whole image, as foolbox's ``samples`` does) to ``size x size``. The ImageNet
     samples come in several sizes and default to 224; the others keep their native size by default.
     """
+    if dataset not in FOOLBOX_SETS:
+        raise ConfigError(f"foolbox ships samples of {', '.join(FOOLBOX_SETS)}; not of {dataset!r}.")
     prefix, classes, mean, std = FOOLBOX_SETS[dataset]
     if size is None and dataset == "imagenet":
         size = 224

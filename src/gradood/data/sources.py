@@ -17,7 +17,6 @@ and is deleted (unless gradood does not own it, e.g. a system file), so it is ne
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import shutil
@@ -28,7 +27,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 

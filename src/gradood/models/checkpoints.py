@@ -3,6 +3,7 @@ arbitrary pickled objects), clear errors for damaged files, atomic saves."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Mapping
@@ -59,7 +60,11 @@ def save_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
     state = {k: v.detach().cpu() for k, v in state.items()}
     path = Path(path)
+    # torch.save names the zip's records after the target file; saving through a buffer keeps the bytes (and
+    # so the sha256) independent of the random temporary name.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_target(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getvalue())
         digest = sha256_file(tmp)
     return digest

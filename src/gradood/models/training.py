@@ -80,7 +80,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, data: ArrayDataset, *, mean=None, std=None, batch_size: int = 1000) -> float:
+def evaluate_accuracy(model: nn.Module, data: ArrayDataset, *, mean=None, std=None, batch_size: int = 250) -> float:
     """Top-1 accuracy of ``model`` on ``data`` (normalised with ``mean``/``std``, default the dataset's), in
     eval mode; the model's train/eval flag is restored."""
     if len(data) == 0:
