@@ -334,3 +334,265 @@ def test_grodin_on_a_model_in_train_mode_scores_as_in_eval_mode(name):
     assert all(m.training for m in trained.modules())
     for k, v in trained.state_dict().items():  # running statistics untouched
         assert torch.equal(v, state[k]), k
+
+
+# ============================================================================================ low-dim gradients
+N_FIT, N_CLUSTERS, K = 60, 4, 3
+
+
+@pytest.fixture(scope="module")
+def lowdim():
+    """A 2-layer float64 MLP (P = 197; hidden unit 0 is dead on every input, so 12 gradient entries have zero
+    variance), N = 60 labelled fit samples in 4 tight clusters (a clear gap after the 3rd singular value of Z,
+    so that 3 power iterations converge), 20 test samples, and the explicit references."""
+    model = seeded(MLP, 3, F64, d_in=6, hidden=16, n_classes=5, logit_scale=2.0)
+    with torch.no_grad():
+        model.body[0].bias[0] = -50.0
+    centres = make_inputs(N_CLUSTERS, 6, seed=7, dtype=F64)
+    x = centres.repeat(N_FIT // N_CLUSTERS, 1) + 0.02 * make_inputs(N_FIT, 6, seed=8, dtype=F64)
+    y = make_labels(N_FIT, 5, seed=9)
+    x_test = make_inputs(20, 6, seed=10, dtype=F64)
+    G, G_test = energy_grads(model, x), energy_grads(model, x_test)
+    mu = G.mean(dim=0)
+    sigma = G.std(dim=0, unbiased=False)  # population std
+    I2 = 1.0 / sigma
+    finite = torch.isfinite(I2)
+    assert int((~finite).sum()) >= 12
+    I2[~finite] = I2[finite].max()
+    Z, Z_test = (G - mu) * I2, (G_test - mu) * I2
+    _, svals, Vh = torch.linalg.svd(Z, full_matrices=False)
+    assert svals[K] / svals[K - 1] < 0.1  # the gap the tolerance below relies on
+    return dict(model=model, x=x, y=y, x_test=x_test, mu=mu, I2=I2, Z=Z, Z_test=Z_test, V_ref=Vh[:K].T,
+                fit=_sig(model, x, y, batch_size=16), test=_sig(model, x_test, batch_size=16))
+
+
+def _basis(det, model):
+    return flat_dirs(model, det.basis_.basis.directions)
+
+
+def test_lowdim_normalisation_is_mean_and_population_std_of_energy_gradients(lowdim):
+    model = lowdim["model"]
+    det = gradood.create("lowdim", k_dims=K, power_iters=3).fit(lowdim["fit"])
+    b = det.basis_.basis
+    np.testing.assert_allclose(flat_vec(model, b.center), lowdim["mu"], rtol=1e-10, atol=1e-14)
+    # 1/sigma, with the infinite entries (zero variance) replaced by the largest finite one
+    np.testing.assert_allclose(flat_vec(model, b.scale), lowdim["I2"], rtol=1e-8)
+
+
+@pytest.mark.parametrize("iters", [3, 5])
+def test_lowdim_pca_basis_is_the_top_k_right_singular_subspace(lowdim, iters):
+    model = lowdim["model"]
+    det = gradood.create("lowdim", k_dims=K, power_iters=iters).fit(lowdim["fit"])
+    V, V_ref = _basis(det, model), lowdim["V_ref"]
+    assert V.shape == (197, K) and det.k_dims_ == K
+    np.testing.assert_allclose(V.T @ V, np.eye(K), atol=1e-10)  # orthonormal columns
+    np.testing.assert_allclose(V @ V.T, V_ref @ V_ref.T, atol=1e-6)  # same projector
+    cosines = torch.linalg.svdvals(V.T @ V_ref)  # cosines of the principal angles
+    np.testing.assert_allclose(cosines, np.ones(K), atol=1e-9)
+    # ordered like the singular values: column k is +-the k-th right singular vector
+    np.testing.assert_allclose((V * V_ref).sum(0).abs(), np.ones(K), atol=1e-5)
+
+
+def test_lowdim_without_power_iterations_is_only_approximate(lowdim):
+    """Guards the tolerance above: the refinements matter at this gap."""
+    det = gradood.create("lowdim", k_dims=K, power_iters=0).fit(lowdim["fit"])
+    V, V_ref = _basis(det, lowdim["model"]), lowdim["V_ref"]
+    assert float((V @ V.T - V_ref @ V_ref.T).abs().max()) > 1e-5
+
+
+def test_lowdim_projections_equal_z_times_v(lowdim):
+    model = lowdim["model"]
+    det = gradood.create("lowdim", k_dims=K, power_iters=3).fit(lowdim["fit"])
+    V = _basis(det, model)
+    np.testing.assert_allclose(lowdim["test"].get(det.request_), lowdim["Z_test"] @ V, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lowdim["fit"].get(det.request_), lowdim["Z"] @ V, rtol=1e-9, atol=1e-12)
+
+
+def test_lowdim_average_subspace_is_the_normalised_class_mean_gradients(lowdim):
+    model, Z, y = lowdim["model"], lowdim["Z"], lowdim["y"]
+    det = gradood.create("lowdim-avg-knn").fit(lowdim["fit"])
+    # (mean_c g - mu) * I2 = mean_c z; L2-normalised columns, not orthogonalised
+    ref = torch.stack([Z[y == c].mean(dim=0) for c in range(5)], dim=1)
+    ref = ref / ref.norm(dim=0, keepdim=True)
+    V = _basis(det, model)
+    assert V.shape == (197, 5) and det.k_dims_ == 5
+    np.testing.assert_allclose(V, ref, rtol=1e-8, atol=1e-12)
+    assert not np.allclose(V.T @ V, np.eye(5), atol=1e-3)
+    np.testing.assert_allclose(lowdim["test"].get(det.request_), lowdim["Z_test"] @ ref, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("subspace,knn_k", [("pca", 5), ("average", 3)])
+def test_lowdim_knn_head_equals_sklearn_nearest_neighbours(lowdim, subspace, knn_k):
+    model = lowdim["model"]
+    det = gradood.create("lowdim", subspace=subspace, k_dims=K, power_iters=3, knn_k=knn_k).fit(lowdim["fit"])
+    V = _basis(det, model).numpy()
+    bank = normalize(lowdim["Z"].numpy() @ V)
+    query = normalize(lowdim["Z_test"].numpy() @ V)
+    dist, _ = NearestNeighbors(n_neighbors=knn_k).fit(bank).kneighbors(query)
+    # the bank is float32 (as FAISS): ~1e-6 absolute on distances of order 0.01-1
+    np.testing.assert_allclose(det.score(lowdim["test"]), -dist[:, knn_k - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_lowdim_mahalanobis_head_equals_a_direct_computation(lowdim):
+    model, y = lowdim["model"], lowdim["y"].numpy()
+    det = gradood.create("lowdim-pca-mahalanobis", k_dims=K, power_iters=3, probe_epochs=1).fit(lowdim["fit"])
+    V = _basis(det, model).numpy()
+    z_fit, z_test = lowdim["Z"].numpy() @ V, lowdim["Z_test"].numpy() @ V
+    means = np.stack([z_fit[y == c].mean(0) for c in range(5)])
+    prec = EmpiricalCovariance().fit(z_fit - means[y]).precision_
+    d = z_test[:, None, :] - means[None]
+    ref = -np.einsum("ncd,de,nce->nc", d, prec, d).min(axis=1)
+    np.testing.assert_allclose(det.score(lowdim["test"]), ref, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["lowdim-pca-msp", "lowdim-pca-energy", "lowdim-avg-energy"])
+def test_lowdim_probe_heads_give_finite_deterministic_scores(lowdim, name):
+    kw = {"k_dims": K, "power_iters": 3} if "pca" in name else {}
+    det = gradood.create(name, probe_epochs=3, **kw).fit(lowdim["fit"])
+    s = det.score(lowdim["test"])
+    assert s.shape == (20,) and s.dtype == np.float64 and np.isfinite(s).all()
+    assert np.ptp(s) > 0
+    if name.endswith("msp"):
+        assert np.all((s >= 1 / 5) & (s <= 1))
+    # the probe (BatchNorm1d -> Linear) reads the projections; its scores are its softmax / logsumexp
+    z = torch.as_tensor(lowdim["Z_test"].numpy() @ _basis(det, lowdim["model"]).numpy()).float()
+    with torch.no_grad():
+        logits = det.probe_(z).double()
+    ref = torch.softmax(logits, 1).amax(1) if name.endswith("msp") else torch.logsumexp(logits, 1)
+    np.testing.assert_allclose(s, ref.numpy(), rtol=1e-5, atol=1e-6)
+    again = gradood.create(name, probe_epochs=3, **kw).fit(_sig(lowdim["model"], lowdim["x"], lowdim["y"], 16))
+    np.testing.assert_array_equal(again.score(lowdim["test"]), s)  # seeded probe training
+
+
+def test_lowdim_k_larger_than_the_fit_samples_is_a_config_error(lowdim):
+    with pytest.raises(gradood.ConfigError, match=r"k_dims=61.*fit samples=60"):
+        gradood.create("lowdim", k_dims=61).fit(lowdim["fit"])
+
+
+def test_lowdim_k_larger_than_the_parameter_count_is_a_config_error():
+    model = seeded(MLP, 4, F64, d_in=2, hidden=3, n_classes=2)  # P = 17
+    s = _sig(model, make_inputs(30, 2, seed=4, dtype=F64), make_labels(30, 2, seed=4))
+    with pytest.raises(gradood.ConfigError, match=r"k_dims=20.*parameters=17"):
+        gradood.create("lowdim", k_dims=20).fit(s)
+    gradood.create("lowdim", k_dims=17, power_iters=1).fit(s)  # K = P is allowed
+
+
+@pytest.mark.parametrize("kwargs", [{"subspace": "average"}, {"head": "msp"}, {"head": "energy"},
+                                    {"head": "mahalanobis"}])
+def test_lowdim_heads_that_need_labels_say_so(lowdim, kwargs):
+    s = _sig(lowdim["model"], lowdim["x"], batch_size=16)  # no labels
+    with pytest.raises(gradood.InputError, match="labels"):
+        gradood.create("lowdim", k_dims=K, power_iters=1, **kwargs).fit(s)
+
+
+def test_lowdim_needs_the_model_not_arrays(lowdim):
+    arrays = gradood.Signals.from_arrays(logits=lowdim["fit"].logits, features=lowdim["fit"].features,
+                                         labels=lowdim["y"])
+    with pytest.raises(gradood.InputError, match="probe.signals"):
+        gradood.create("lowdim", k_dims=K).fit(arrays)
+
+
+@pytest.mark.parametrize("kwargs", [{"k_dims": 0}, {"knn_k": 0}, {"power_iters": -1}, {"ensemble": -1.0},
+                                    {"ensemble": float("inf")}, {"n_fit": 1}, {"subspace": "svd"},
+                                    {"head": "odin"}])
+def test_lowdim_rejects_bad_hyperparameters(kwargs):
+    with pytest.raises(gradood.ConfigError):
+        gradood.create("lowdim", **kwargs)
+
+
+def test_lowdim_variants_share_the_basis_without_rerunning_the_model(lowdim):
+    model = lowdim["model"]
+    s = _sig(model, lowdim["x"], lowdim["y"], batch_size=16)
+    first = gradood.create("lowdim", k_dims=K, power_iters=2).fit(s)
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        second = gradood.create("lowdim-pca-energy", k_dims=K, power_iters=2, probe_epochs=1).fit(s)
+        third = gradood.create("lowdim-pca-mahalanobis", k_dims=K, power_iters=2, probe_epochs=1).fit(s)
+        assert calls == []
+        assert second.basis_ is first.basis_ and third.basis_ is first.basis_
+        assert second.request_.key == first.request_.key
+        other = gradood.create("lowdim", k_dims=K + 1, power_iters=2).fit(s)  # other settings: a new fit
+        assert len(calls) > 0 and other.basis_ is not first.basis_
+    finally:
+        handle.remove()
+
+
+def test_lowdim_ensemble(lowdim):
+    """a = 0 is the gradient head alone; a > 0 adds a times the z-scored forward head (same head on the
+    penultimate features), both z-scored with the ID fit scores. Unclustered fit data here: with near-duplicate
+    samples the float32 kNN distances of the fit statistics lose precision."""
+    model, test = lowdim["model"], lowdim["test"]
+    fit = _sig(model, make_inputs(40, 6, seed=16, dtype=F64), batch_size=16)
+    alone = gradood.create("lowdim", k_dims=K, power_iters=3, knn_k=4).fit(fit)
+    zero = gradood.create("lowdim", k_dims=K, power_iters=3, knn_k=4, ensemble=0.0).fit(fit)
+    np.testing.assert_array_equal(zero.score(test), alone.score(test))
+    a = 2.0
+    ens = gradood.create("lowdim", k_dims=K, power_iters=3, knn_k=4, ensemble=a).fit(fit)
+    assert ens.basis_ is alone.basis_
+
+    def knn(bank, query):
+        d, _ = NearestNeighbors(n_neighbors=4).fit(normalize(bank)).kneighbors(normalize(query))
+        return -d[:, 3]
+
+    zf, zt = fit.get(alone.request_).numpy(), test.get(alone.request_).numpy()  # = Z V (tested above)
+    hf, ht = fit.features.numpy(), test.features.numpy()
+    g_fit, f_fit = knn(zf, zf), knn(hf, hf)  # fit statistics as the detector takes them (self included)
+    ref = (knn(zf, zt) - g_fit.mean()) / g_fit.std(ddof=1) + a * (knn(hf, ht) - f_fit.mean()) / f_fit.std(ddof=1)
+    np.testing.assert_allclose(ens.score(test), ref, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(ens.score(test), alone.score(test))
+
+
+def test_lowdim_on_a_model_in_train_mode_scores_as_in_eval_mode():
+    model = seeded(BNCNN, 13, F64)
+    x, y = make_inputs(16, 2, 5, 5, seed=14, dtype=F64), make_labels(16, 4, seed=14)
+    x_test = make_inputs(6, 2, 5, 5, seed=15, dtype=F64)
+    ref = gradood.create("lowdim", k_dims=4, power_iters=2, knn_k=2).fit(_sig(model, x, y)).score(_sig(model, x_test))
+    trained = copy.deepcopy(model).train()
+    det = gradood.create("lowdim", k_dims=4, power_iters=2, knn_k=2).fit(_sig(trained, x, y))
+    np.testing.assert_allclose(det.score(_sig(trained, x_test)), ref, rtol=1e-8)
+    assert all(m.training for m in trained.modules())
+    np.testing.assert_array_equal(trained.bn1.running_mean, model.bn1.running_mean)
+
+
+# ============================================================================================ registry
+def _model_detectors():
+    return [n for n in gradood.available() if gradood.create(n).needs_model]
+
+
+#: small grids and sizes, applied to every detector that has the hyperparameter
+SMALL = dict(temperatures=(1.0, 10.0), epsilons=(0.0, 0.002), k_dims=4, power_iters=1, probe_epochs=2, knn_k=3,
+             n_noise=8, n_fit=None)
+
+
+def test_the_registry_has_the_model_based_detectors():
+    names = _model_detectors()
+    for expected in ("odin", "odin-tuned", "grodin", "grodin-sg-tuned", "fssd", "fssd-lr-eps", "lowdim",
+                     "lowdim-avg-knn", "mahalanobis-ensemble", "mahalanobis-ensemble-fgsm"):
+        assert expected in names
+    assert "msp" not in names and "grodin-lastlayer" not in names  # no perturbation: cached signals suffice
+
+
+@pytest.fixture(scope="module")
+def registry_signals():
+    model = seeded(BNCNN, 20)  # float32, BatchNorm in eval mode
+    probe = gradood.Probe(model, input_std=CNN_STD, input_mean=(0.1, -0.1))
+
+    def sig(n, seed, scale=1.0, labels=True):
+        x = make_inputs(n, 2, 5, 5, seed=seed, scale=scale)
+        return probe.signals((x, make_labels(n, 4, seed=seed)) if labels else x, batch_size=8, progress=False)
+
+    return dict(fit=sig(24, 40), id_val=sig(16, 41), ood_val=sig(16, 42, scale=3.0, labels=False),
+                test=sig(10, 43, labels=False))
+
+
+@pytest.mark.parametrize("name", _model_detectors())
+def test_every_model_based_detector_fits_and_scores_end_to_end(registry_signals, name):
+    cls, _ = detector_class(name)
+    det = gradood.create(name, **{k: v for k, v in SMALL.items() if k in cls._param_names()})
+    kw = dict(ood_val=registry_signals["ood_val"], id_val=registry_signals["id_val"]) if det.tunes_on_ood else {}
+    assert det.fit(registry_signals["fit"], **kw) is det
+    s = det.score(registry_signals["test"])
+    assert isinstance(s, np.ndarray) and s.dtype == np.float64 and s.shape == (10,)
+    assert np.isfinite(s).all()
+    assert np.ptp(s) > 0  # not a constant
