@@ -340,7 +340,27 @@ INVALID = [
 def test_invalid_hyperparameter_values(name, kwargs, pattern):
     with pytest.raises(gradood.ConfigError, match=pattern) as e:
         gradood.create(name, **kwargs)
-    assert repr(list(kwargs.values())[0])[:4] in str(e.value) or "got" in str(e.value)  # echoes the bad value
+    assert f"got {list(kwargs.values())[0]!r}" in str(e.value)  # echoes the bad value
+
+
+WRONG_TYPE = [
+    ("react", {"percentile": None}), ("react", {"percentile": "high"}), ("knn", {"k": None}),
+    ("knn", {"fraction": None}), ("rg", {"k_percentile": "x"}), ("rg-additive", {"n_fit": None}),
+    ("rg-additive", {"seed": "a"}),
+    # a string is not a boolean: "no"/"false" from a config file or command line must not mean True
+    ("gradnorm", {"include_bias": "no"}), ("exgrad", {"higher_is_id": "false"}),
+    ("output-feature", {"higher_is_id": "no"}), ("knn", {"normalize": "false"}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", WRONG_TYPE, ids=[f"{n}-{list(k)[0]}={list(k.values())[0]}"
+                                                         for n, k in WRONG_TYPE])
+def test_hyperparameter_of_the_wrong_type(name, kwargs):
+    """Non-numbers where a number is expected and non-booleans where a flag is expected are configuration
+    errors naming the parameter -- not a bare TypeError/ValueError from float()/int(), nor silently True."""
+    key = list(kwargs)[0]
+    with pytest.raises(gradood.ConfigError, match=rf"{key}.*got {kwargs[key]!r}"):
+        gradood.create(name, **kwargs)
 
 
 def test_unknown_loss_and_norm_in_head_helpers():
