@@ -146,7 +146,7 @@ class FSSD(Detector):
             raise ConfigError(f"combine={self.combine!r} is neither 'mean-z', 'lr' nor one of the layers {layers}.")
         self.layers_ = tuple(layers)
         noise = self._noise_pixels(tuple(probe.input_shape))
-        x = noise if self.noise == "code" else probe.to_model_space(noise)
+        x = (noise if self.noise == "code" else probe.to_model_space(noise)).to(probe.device, probe.dtype)
         out = probe.forward(x, self.layers_, validate=False)
         self.centers_ = tuple(flat(out.taps[k]).double().mean(dim=0).cpu() for k in self.layers_)
         self.eps_ = self.eps
