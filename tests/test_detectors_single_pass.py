@@ -223,6 +223,19 @@ def test_vim_against_numpy(tanh_model, dim):
     np.testing.assert_allclose(det.score(test), ref, rtol=1e-8, atol=1e-9)
 
 
+def test_vim_head_without_bias_has_origin_zero():
+    model = seeded(MLP, 13, hidden=8, signed=True, bias=False, logit_scale=3.0)
+    fit = _signals(model, 50, 18)
+    det = gradood.create("vim", dim=3).fit(fit)
+    np.testing.assert_array_equal(np_(det.origin_), np.zeros(8))
+    H = np_(fit.features)
+    _, vecs = np.linalg.eigh(H.T @ H / len(H))
+    Rn = vecs[:, :-3]
+    r = np.linalg.norm(H @ Rn, axis=1)
+    alpha = np_(fit.logits).max(1).mean() / r.mean()
+    np.testing.assert_allclose(det.score(fit), logsumexp(np_(fit.logits), axis=1) - alpha * r, rtol=1e-8, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------------------- RG
 @pytest.mark.parametrize("k,T", [(1.0, 1.0), (0.3, 1.0), (0.7, 2.0), (float("inf"), 1.0)])
 def test_rg_against_numpy(relu_model, k, T):

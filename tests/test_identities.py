@@ -13,7 +13,7 @@ from scipy.special import logsumexp, softmax
 from scipy.stats import spearmanr
 
 import gradood
-from conftest import MLP, SmallCNN, make_inputs, make_labels, seeded
+from conftest import MLP, ConvHeadNet, SmallCNN, make_inputs, make_labels, seeded
 from gradood.grads.head import expected_logprob_grad_output_term
 
 INF = float("inf")
@@ -23,9 +23,15 @@ def _sig(model, x, y=None, batch_size=8):
     return gradood.Probe(model).signals(x if y is None else (x, y), batch_size=batch_size, progress=False)
 
 
-@pytest.fixture(scope="module", params=["mlp-f32", "mlp-f64", "cnn-f32"])
+@pytest.fixture(scope="module", params=["mlp-f32", "mlp-f64", "cnn-f32", "conv1x1-head-f64"])
 def relu_signals(request):
     """Signals with post-ReLU features and positive energies."""
+    if request.param == "conv1x1-head-f64":
+        model = seeded(ConvHeadNet, 3, torch.float64, logit_scale=2.0)
+        with torch.no_grad():
+            model.cls.bias.add_(3.0)
+        return model, gradood.Probe(model, head="cls").signals(make_inputs(30, 2, 5, 5, seed=3), batch_size=8,
+                                                                progress=False)
     if request.param == "cnn-f32":
         model = seeded(SmallCNN, 3, logit_scale=2.0, logit_shift=3.0)
         return model, _sig(model, make_inputs(30, 2, 5, 5, seed=3))
