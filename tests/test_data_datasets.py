@@ -43,6 +43,20 @@ def test_fashion_mnist():
     assert test.licence == "MIT"
 
 
+def test_fashion_mnist_sources_and_local_root(tmp_path):
+    from gradood.data.builtin import FASHION_FILES, fashion_mnist_resource
+    from gradood.data.sources import DebMember, SystemFile, Url, fetch
+
+    res = fashion_mnist_resource("t10k-labels-idx1-ubyte.gz")
+    assert [type(s) for s in res.sources] == [SystemFile, DebMember, Url]
+    assert res.sources[0].path == "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
+    for name in ("t10k-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        (tmp_path / name).write_bytes(fetch(fashion_mnist_resource(name)).read_bytes())
+    local = data.load("fashion_mnist", "test", root=str(tmp_path))
+    assert np.array_equal(local.labels, data.load("fashion_mnist", "test").labels)
+    assert len(FASHION_FILES) == 4
+
+
 def test_animal_mnist_and_digits():
     animals = data.load("animal_mnist")
     assert animals.images.shape == (10000, 1, 28, 28) and np.bincount(animals.labels).tolist() == [1000] * 10

