@@ -255,7 +255,7 @@ def test_loss_delta_equals_autograd_wrt_logits(loss, T):
 
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("kind", ["mlp", "mlp-signed", "cnn", "seqhead", "conv1x1-head"])
+@pytest.mark.parametrize("kind", ["mlp-signed", "seqhead", "conv1x1-head"])  # (ReLU MLP/CNN: detector tests)
 def test_head_grad_norm_equals_autograd_for_every_named_loss(kind, dtype, loss):
     model, x, head_name = _model_and_inputs(kind, dtype)
     probe, s = _signals(model, x, head_name)
