@@ -17,6 +17,9 @@ Example (the built-in default is ``gradood/bench/specs/default.toml``)::
     ]
     detectors = ["all"]                 # or names, or tables: { name = "knn", k = 10, label = "knn-10" }
 
+    [overrides.odin-tuned]              # hyperparameters for detectors, also when expanded from "all"
+    temperatures = [1, 10, 100, 1000]
+
 Dataset entries take ``dataset``, ``split``, ``n`` (a seeded random subset), ``name`` (display name),
 ``resize`` (side length), ``channels`` (1 or 3), ``root`` (folder, for user datasets such as CIFAR) and
 ``options`` (passed to the loader, e.g. noise ``shape``), ``start``/``stop`` (a slice of the split taken
@@ -122,9 +125,10 @@ def _data_ref(raw: Any, where: str) -> DataRef:
                    options=dict(raw.get("options", {})), start=raw.get("start"), stop=raw.get("stop"))
 
 
-def _detector_refs(raw: Any, where: str) -> tuple[DetectorRef, ...]:
+def _detector_refs(raw: Any, where: str, overrides: dict[str, dict[str, Any]] | None = None) -> tuple[DetectorRef, ...]:
     from ..detectors import available, create
 
+    overrides = overrides or {}
     if raw is None:
         raw = ["all"]
     if not isinstance(raw, list):
@@ -132,13 +136,13 @@ def _detector_refs(raw: Any, where: str) -> tuple[DetectorRef, ...]:
     refs: list[DetectorRef] = []
     for item in raw:
         if item == "all":
-            refs.extend(all_detectors())
+            refs.extend(DetectorRef(r.name, dict(overrides.get(r.name, {}))) for r in all_detectors())
             continue
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, dict) or "name" not in item:
             raise ConfigError(f"{where}: each detector is a name or a table with name = ..., got {item!r}.")
-        params = {k: v for k, v in item.items() if k not in ("name", "label")}
+        params = {**overrides.get(item["name"], {}), **{k: v for k, v in item.items() if k not in ("name", "label")}}
         if item["name"] not in available():
             raise ConfigError(f"{where}: unknown detector {item['name']!r}; available: {', '.join(available())}.")
         create(item["name"], **params)  # validates hyperparameters now, not an hour into the run
@@ -179,6 +183,15 @@ def parse_spec(text: str, source: str = "<string>") -> BenchSpec:
     if not isinstance(runs_raw, list) or not runs_raw:
         raise ConfigError(f"{source}: a spec needs at least one [[run]] table.")
     top_detectors = raw.get("detectors")
+    overrides = raw.get("overrides", {})
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ConfigError(f"{source}: [overrides.<detector>] tables must map hyperparameter names to values.")
+    from ..detectors import available, create
+
+    for name, params in overrides.items():
+        if name not in available():
+            raise ConfigError(f"{source}: [overrides.{name}] names an unknown detector; available: {', '.join(available())}.")
+        create(name, **params)
     runs = []
     for i, r in enumerate(runs_raw):
         where = f"{source} run {i + 1}"
@@ -193,9 +206,9 @@ def parse_spec(text: str, source: str = "<string>") -> BenchSpec:
             id_test=_data_ref(r["id_test"], f"{where} id_test"),
             id_val=_data_ref(r["id_val"], f"{where} id_val") if "id_val" in r else None,
             oods=tuple(_data_ref(o, f"{where} ood[{j}]") for j, o in enumerate(r["ood"])),
-            detectors=_detector_refs(r.get("detectors", top_detectors), where),
+            detectors=_detector_refs(r.get("detectors", top_detectors), where, overrides),
         ))
-    known = {"name", "description", "batch_size", "seed", "ood_val", "bootstrap", "run", "detectors"}
+    known = {"name", "description", "batch_size", "seed", "ood_val", "bootstrap", "run", "detectors", "overrides"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{source}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(known)}.")
