@@ -477,6 +477,34 @@ def test_lowdim_k_larger_than_the_parameter_count_is_a_config_error():
     gradood.create("lowdim", k_dims=17, power_iters=1).fit(s)  # K = P is allowed
 
 
+def test_lowdim_k_equal_to_the_fit_samples_is_refused_or_orthonormal(lowdim):
+    """Z is centred, so its rank is at most N - 1: K = N directions cannot all be principal directions. Either
+    refuse K = N (as K > N is refused) or return an orthonormal basis -- not a numerically random last column."""
+    model = lowdim["model"]
+    s = _sig(model, lowdim["x"][:20], lowdim["y"][:20], batch_size=16)
+    try:
+        det = gradood.create("lowdim", k_dims=20, power_iters=2, knn_k=2).fit(s)
+    except gradood.ConfigError as e:
+        assert "k_dims" in str(e)
+        return
+    V = _basis(det, model)
+    np.testing.assert_allclose(V.T @ V, np.eye(20), atol=1e-8)
+
+
+def test_lowdim_fit_subset_from_a_dataloader_equals_the_array_fit(lowdim):
+    """n_fit < N (default n_fit=5000: any larger training set) fits on a seeded subset; the data may come as a
+    DataLoader, the usual way, and must give the same result as the same data passed as arrays."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x, y = lowdim["model"], lowdim["x"], lowdim["y"]
+    kw = dict(k_dims=K, power_iters=3, knn_k=3, n_fit=40)
+    ref = gradood.create("lowdim", **kw).fit(_sig(model, x, y, batch_size=16)).score(lowdim["test"])
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    s = gradood.Probe(model).signals(loader, progress=False)
+    got = gradood.create("lowdim", **kw).fit(s).score(lowdim["test"])
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs", [{"subspace": "average"}, {"head": "msp"}, {"head": "energy"},
                                     {"head": "mahalanobis"}])
 def test_lowdim_heads_that_need_labels_say_so(lowdim, kwargs):

@@ -335,6 +335,31 @@ def test_fssd_lr_is_ood_tuned(fssd_data):
     assert gradood.create("fssd", n_noise=16, tune_eps=True).tunes_on_ood is True
 
 
+def _loader(x, y=None):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(x) if y is None else TensorDataset(x, y), batch_size=8)
+
+
+def test_fssd_eps_tuning_works_with_dataloaders(fssd_data):
+    """eps selection splits the validation signals; with DataLoader data (the usual way) the halves must still
+    be computable and give the same choice and scores as the same data passed as tensors."""
+    model, x_fit, x_test = fssd_data
+    x_id = make_inputs(16, 2, 5, 5, seed=53, dtype=F64)
+    x_ood = make_inputs(16, 2, 5, 5, seed=54, dtype=F64) * 2.0 + 0.3
+    kw = dict(n_noise=16, epsilons=(0.0, 0.02))
+    probe = gradood.Probe(model, input_std=CNN_STD, input_mean=CNN_MEAN)
+    ref = gradood.create("fssd-lr-eps", **kw).fit(probe.signals(x_fit, progress=False),
+                                                  ood_val=probe.signals(x_ood, progress=False),
+                                                  id_val=probe.signals(x_id, progress=False))
+    det = gradood.create("fssd-lr-eps", **kw).fit(probe.signals(_loader(x_fit), progress=False),
+                                                  ood_val=probe.signals(_loader(x_ood), progress=False),
+                                                  id_val=probe.signals(_loader(x_id), progress=False))
+    assert det.eps_ == ref.eps_
+    test = probe.signals(x_test, progress=False)
+    np.testing.assert_allclose(det.score(test), ref.score(test), rtol=1e-6)
+
+
 def test_fssd_unknown_layer_names_are_clear_errors(fssd_data):
     model, x_fit, _ = fssd_data
     with pytest.raises(gradood.GradoodError, match="nope"):
@@ -356,3 +381,180 @@ def test_fssd_needs_the_model(fssd_data):
 def test_fssd_rejects_bad_hyperparameters(kwargs):
     with pytest.raises(gradood.ConfigError):
         gradood.create("fssd", **kwargs)
+
+
+# ============================================================================================ Mahalanobis ensemble
+MAHA_LAYERS = ("act1", "act2", "features")
+
+
+def layer_means(model, x, layers=MAHA_LAYERS):
+    """Lee et al.'s per-layer features: spatial means of the named modules' outputs ("features" = the head's
+    input), differentiable."""
+    out, handles = {}, []
+    for name in layers:
+        if name == "features":
+            handles.append(model.fc.register_forward_pre_hook(lambda _m, i: out.__setitem__("features", i[0])))
+        else:
+            handles.append(getattr(model, name).register_forward_hook(
+                lambda _m, _i, o, n=name: out.__setitem__(n, o.flatten(2).mean(dim=2) if o.ndim > 2 else o)))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [out[k].double() for k in layers]
+
+
+def fit_gaussians(model, x, y, layers=MAHA_LAYERS):
+    """Class means and the tied precision per layer: sklearn EmpiricalCovariance on class-centred features."""
+    y = y.numpy()
+    with torch.no_grad():
+        feats = [f.numpy() for f in layer_means(model, x, layers)]
+    out = []
+    for f in feats:
+        means = np.stack([f[y == c].mean(0) for c in range(int(y.max()) + 1)])
+        out.append((torch.from_numpy(means), torch.from_numpy(EmpiricalCovariance().fit(f - means[y]).precision_)))
+    return out
+
+
+def sqdists(f, means, prec):
+    d = f[:, None, :] - means[None]
+    return torch.einsum("ncd,de,nce->nc", d, prec, d)
+
+
+def ref_maha(model, x, gaussians, layers=MAHA_LAYERS):
+    with torch.no_grad():
+        return torch.stack([-sqdists(f, m, p).amin(1) for f, (m, p) in zip(layer_means(model, x, layers), gaussians)],
+                           dim=1).numpy()
+
+
+def ref_maha_preprocessed(model, x, gaussians, eps, std, layers=MAHA_LAYERS):
+    """Per layer: ``x - eps * sign(grad_x 1/2 d^2_c(x)) / std`` with c the closest class at x, then the score."""
+    cols = []
+    for k, (means, prec) in enumerate(gaussians):
+        def half_sqdist(xi):
+            f = layer_means(model, xi, layers)[k]
+            c = sqdists(f.detach(), means, prec).argmin(1)
+            d = f - means[c]
+            return 0.5 * (d @ prec * d).sum()
+
+        xp = x - eps * torch.sign(per_sample_input_grad(x, half_sqdist)) / _std_tensor(std, x)
+        cols.append(ref_maha(model, xp.detach(), gaussians, layers)[:, k])
+    return np.stack(cols, axis=1)
+
+
+def ref_fgsm(model, x, step, std):
+    """FGSM negatives: ``x + step * sign(grad_x CE(f(x), argmax f(x))) / std``."""
+    def ce(xi):
+        f = model(xi)
+        return torch.nn.functional.cross_entropy(f, f.argmax(dim=1))
+
+    return (x + step * torch.sign(per_sample_input_grad(x, ce)) / _std_tensor(std, x)).detach()
+
+
+@pytest.fixture(scope="module")
+def maha_data():
+    model = seeded(BNCNN, 60, F64)
+    x_fit, y_fit = make_inputs(32, 2, 5, 5, seed=61, dtype=F64), make_labels(32, 4, seed=61)
+    x_test = make_inputs(12, 2, 5, 5, seed=62, dtype=F64)
+    return model, x_fit, y_fit, x_test, fit_gaussians(model, x_fit, y_fit)
+
+
+def _maha_sig(model, x, y=None, batch_size=8):
+    return _sig(model, x, y, batch_size=batch_size, input_std=CNN_STD)
+
+
+def test_mahalanobis_ensemble_per_layer_scores_equal_a_direct_computation(maha_data):
+    model, x_fit, y_fit, x_test, gaussians = maha_data
+    det = gradood.create("mahalanobis-multilayer").fit(_maha_sig(model, x_fit, y_fit))
+    assert det.layers_ == MAHA_LAYERS  # default: activation modules reached once, plus the penultimate features
+    assert det.tunes_on_ood is False
+    for g, (means, prec) in zip(det.gaussians_, gaussians):
+        np.testing.assert_allclose(g.means, means, rtol=1e-10)
+        np.testing.assert_allclose(g.precision, prec, rtol=1e-6)
+    test = _maha_sig(model, x_test)
+    per_layer = test.get(det.requests()[0]).numpy()
+    ref = ref_maha(model, x_test, gaussians)
+    np.testing.assert_allclose(per_layer, ref, rtol=1e-6)
+    fit_ref = ref_maha(model, x_fit, gaussians)  # mean-z: ID fit statistics
+    z = (ref - fit_ref.mean(0)) / fit_ref.std(0, ddof=1)
+    np.testing.assert_allclose(det.score(test), z.mean(1), rtol=1e-6)
+
+
+def test_mahalanobis_ensemble_penultimate_layer_is_the_single_layer_detector(maha_data):
+    model, x_fit, y_fit, x_test, _ = maha_data
+    single = gradood.create("mahalanobis").fit(_maha_sig(model, x_fit, y_fit)).score(_maha_sig(model, x_test))
+    det = gradood.create("mahalanobis-ensemble", combine="features").fit(_maha_sig(model, x_fit, y_fit))
+    assert det.tunes_on_ood is False
+    np.testing.assert_allclose(det.score(_maha_sig(model, x_test)), single, rtol=1e-8)
+
+
+@pytest.mark.parametrize("eps", [0.0005, 0.01])
+def test_mahalanobis_preprocessing_descends_the_closest_class_distance(maha_data, eps):
+    model, x_fit, y_fit, x_test, gaussians = maha_data
+    det = gradood.create("mahalanobis-multilayer", eps=eps).fit(_maha_sig(model, x_fit, y_fit))
+    got = _maha_sig(model, x_test).get(det.requests()[0]).numpy()
+    np.testing.assert_allclose(got, ref_maha_preprocessed(model, x_test, gaussians, eps, CNN_STD), rtol=1e-6)
+    unperturbed = ref_maha(model, x_test, gaussians)
+    assert not np.allclose(got, unperturbed)
+    if eps < 0.001:  # a small step does not increase the closest-class distance (the score does not drop)
+        assert np.all(got >= unperturbed - 1e-9 * np.abs(unperturbed))
+
+
+def test_mahalanobis_fgsm_negatives_are_ood_free(maha_data):
+    model, x_fit, y_fit, x_test, gaussians = maha_data
+    det = gradood.create("mahalanobis-ensemble-fgsm")
+    assert det.tunes_on_ood is False and det.info()["tunes_on_ood"] is False
+    det.fit(_maha_sig(model, x_fit, y_fit))  # no ood_val needed
+    # the LR contrasts the ID scores with those of FGSM-perturbed ID samples (step 0.05 / std)
+    pos = ref_maha(model, x_fit, gaussians)
+    neg = ref_maha(model, ref_fgsm(model, x_fit, 0.05, CNN_STD), gaussians)
+    assert not np.allclose(neg, pos)
+    ref = _lr_ref(pos, neg, ref_maha(model, x_test, gaussians))
+    np.testing.assert_allclose(det.score(_maha_sig(model, x_test)), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mahalanobis_lr_with_ood_negatives_needs_ood_val(maha_data):
+    model, x_fit, y_fit, x_test, gaussians = maha_data
+    for name in ("mahalanobis-ensemble", "mahalanobis-ensemble-tuned"):
+        det = gradood.create(name, epsilons=(0.0, 0.002))
+        assert det.tunes_on_ood is True
+        with pytest.raises(gradood.TuningDataError, match="ood_val"):
+            det.fit(_maha_sig(model, x_fit, y_fit))
+    assert gradood.create("mahalanobis-ensemble-tuned", negatives="fgsm").tunes_on_ood is False
+    x_id = make_inputs(16, 2, 5, 5, seed=63, dtype=F64)
+    x_ood = make_inputs(16, 2, 5, 5, seed=64, dtype=F64) * 2.0
+    det = gradood.create("mahalanobis-ensemble").fit(_maha_sig(model, x_fit, y_fit), ood_val=_maha_sig(model, x_ood),
+                                                     id_val=_maha_sig(model, x_id))
+    ref = _lr_ref(ref_maha(model, x_id, gaussians), ref_maha(model, x_ood, gaussians),
+                  ref_maha(model, x_test, gaussians))
+    np.testing.assert_allclose(det.score(_maha_sig(model, x_test)), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("negatives", ["ood", "fgsm"])
+def test_mahalanobis_eps_tuning_works_with_dataloaders(maha_data, negatives):
+    model, x_fit, y_fit, x_test, _ = maha_data
+    x_ood = make_inputs(16, 2, 5, 5, seed=64, dtype=F64) * 2.0
+    kw = dict(epsilons=(0.0, 0.01), negatives=negatives)
+    probe = gradood.Probe(model, input_std=CNN_STD)
+    ood = {"ood_val": probe.signals(x_ood, progress=False)} if negatives == "ood" else {}
+    ref = gradood.create("mahalanobis-ensemble-tuned", **kw).fit(probe.signals((x_fit, y_fit), progress=False), **ood)
+    ood = {"ood_val": probe.signals(_loader(x_ood), progress=False)} if negatives == "ood" else {}
+    det = gradood.create("mahalanobis-ensemble-tuned", **kw).fit(probe.signals(_loader(x_fit, y_fit), progress=False),
+                                                                 **ood)
+    assert det.eps_ == ref.eps_
+    test = probe.signals(x_test, progress=False)
+    np.testing.assert_allclose(det.score(test), ref.score(test), rtol=1e-6)
+
+
+def test_mahalanobis_ensemble_needs_labels(maha_data):
+    model, x_fit, _, _, _ = maha_data
+    with pytest.raises(gradood.InputError, match="labels"):
+        gradood.create("mahalanobis-multilayer").fit(_maha_sig(model, x_fit))
+
+
+@pytest.mark.parametrize("kwargs", [{"eps": -0.001}, {"negatives": "noise"}, {"fgsm_step": -0.05},
+                                    {"epsilons": ()}, {"val_split": 0.0}, {"combine": None}])
+def test_mahalanobis_ensemble_rejects_bad_hyperparameters(kwargs):
+    with pytest.raises(gradood.ConfigError):
+        gradood.create("mahalanobis-ensemble", **kwargs)
