@@ -83,6 +83,20 @@ class BatchSource:
             return True
         return isinstance(self.data, DataLoader) and isinstance(self.data.sampler, SequentialSampler)
 
+    def subset(self, indices: list[int]) -> "BatchSource | None":
+        """A source over the given sample indices, or None when the source cannot be indexed (a generator,
+        an iterable-style dataset)."""
+        if self._arrays is not None:
+            x, y = self._arrays
+            idx = torch.as_tensor(indices, dtype=torch.long)
+            return BatchSource((x[idx], None if y is None else y[idx]), batch_size=self.batch_size)
+        loader = self.data
+        if isinstance(loader, DataLoader) and not isinstance(loader.dataset, torch.utils.data.IterableDataset):
+            sub = DataLoader(torch.utils.data.Subset(loader.dataset, indices), batch_size=loader.batch_size or 1,
+                             collate_fn=loader.collate_fn, num_workers=loader.num_workers, shuffle=False)
+            return BatchSource(sub, batch_size=self.batch_size)
+        return None
+
     def iter_batches(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Yield ``(x, y)`` batches, ``y`` None when the source has no labels; skip the first ``start_batch``."""
         if self._arrays is not None:

@@ -287,6 +287,26 @@ class Signals:
             self.require([LOGITS])
         return self._labels
 
+    def known_num_classes(self) -> int | None:
+        """The model's class count if it is known without running anything (computed logits, or the head)."""
+        if LOGITS.key in self._tensors:
+            return int(self._tensors[LOGITS.key].shape[1])
+        head = getattr(self, "_head", None)
+        if head is not None:
+            return int(head[0].shape[0])
+        if self.probe is not None and self.probe.head_name is not None:
+            return int(self.probe.weight.shape[0])
+        return None
+
+    def has_head_bias(self) -> bool | None:
+        """Whether the classifier head has a bias (None when the head is unknown, e.g. arrays without it)."""
+        head = getattr(self, "_head", None)
+        if head is not None:
+            return head[1] is not None
+        if self.probe is not None and self.probe.head_name is not None:
+            return self.probe.bias is not None
+        return None
+
     def warm_up(self) -> None:
         """Run the first batch through the probe if nothing has run yet (head discovery, input shape), e.g.
         when every signal came from the disk cache but a detector needs to run the model itself."""
@@ -446,19 +466,12 @@ class Signals:
 
     # ------------------------------------------------------------------ splitting
     def subset(self, indices: Any, name: str | None = None) -> "Signals":
-        """The signals of a subset of samples. Already computed signals are indexed; for array sources the
-        data is indexed too, so more signals can still be computed."""
+        """The signals of a subset of samples. Already computed signals are indexed; the data source is
+        indexed too when it can be (arrays, map-style datasets), so more signals can still be computed."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).flatten()
         if idx.numel() == 0:
             raise InputError("subset() got no indices: the subset would be empty.")
-        source = None
-        if self.source is not None:
-            arrays = getattr(self.source, "_arrays", None)
-            if arrays is not None:
-                from ._batches import BatchSource
-
-                x, y = arrays
-                source = BatchSource((x[idx], None if y is None else y[idx]), batch_size=self.source.batch_size)
+        source = self.source.subset(idx.tolist()) if self.source is not None else None
         tensors = {k: v[idx] for k, v in self._tensors.items()}
         labels = self.labels
         sub = Signals(source=source, probe=self.probe if source is not None else None, tensors=tensors,

@@ -97,15 +97,18 @@ class Detector:
             _check_signals(id_val, "id_val")
         if self.tunes_on_ood and ood_val is None:
             raise TuningDataError(
-                f"{self.label} tunes its hyperparameters on OOD validation data, so fit() needs ood_val=<signals of "
-                "an OOD validation split> (and ideally id_val=). Or pass fixed hyperparameters that need no "
-                "tuning (see the detector's docstring)."
+                f"{self.label} tunes on OOD validation data, so fit() needs ood_val=<signals of an OOD validation "
+                f"split> (and ideally id_val=). Or {self._untuned_hint()}"
             )
         id_signals.require(self.fit_requests())
         self._record_shapes(id_signals)
         self._fit(id_signals, ood_val=ood_val, id_val=id_val)
         self.fitted_ = True
         return self
+
+    def _untuned_hint(self) -> str:
+        """How to configure this detector so that it needs no OOD data (used in the tuning error)."""
+        return "use a configuration that needs no tuning (see the detector's docstring)."
 
     def _fit(self, signals: Signals, *, ood_val: Signals | None, id_val: Signals | None) -> None:
         """Compute fitted state. Default: nothing to fit."""
@@ -139,17 +142,19 @@ class Detector:
             )
 
     def _record_shapes(self, signals: Signals) -> None:
-        if "logits" in self.signals and signals.has(LOGITS):
-            self.n_classes_ = int(signals.logits.shape[1])
+        n_c = signals.known_num_classes()
+        if n_c is not None:
+            self.n_classes_ = n_c
         if "features" in self.signals and signals.has(FEATURES):
             self.n_features_ = int(signals.features.shape[1])
 
     def _check_shapes(self, signals: Signals) -> None:
         n_c = getattr(self, "n_classes_", None)
-        if n_c is not None and signals.has(LOGITS) and signals.logits.shape[1] != n_c:
+        now = signals.known_num_classes()
+        if n_c is not None and now is not None and now != n_c:
             raise InputError(
                 f"{self.label} was fitted on a model with {n_c} classes, but these signals have "
-                f"{signals.logits.shape[1]}: score with the model it was fitted on, or refit on this model's ID data."
+                f"{now}: score with the model it was fitted on, or refit on this model's ID data."
             )
         n_f = getattr(self, "n_features_", None)
         if n_f is not None and signals.has(FEATURES) and signals.features.shape[1] != n_f:
@@ -238,6 +243,8 @@ def describe(name: str) -> dict[str, Any]:
 
 def check_positive(value: float, what: str, *, allow_zero: bool = False, allow_inf: bool = False) -> float:
     """Validate a numeric hyperparameter."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a number, got {value!r}.")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -245,6 +252,40 @@ def check_positive(value: float, what: str, *, allow_zero: bool = False, allow_i
     if np.isnan(v) or (np.isinf(v) and not allow_inf) or v < 0 or (v == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{what} must be {bound}{' (inf allowed)' if allow_inf else ''} and finite, got {value!r}.")
+    return v
+
+
+def check_int(value: Any, what: str, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
+    """Validate an integer hyperparameter (bools and non-integral floats are refused)."""
+    if value is None and allow_none:
+        return None
+    kind = {None: "an integer", 1: "a positive integer", 0: "a non-negative integer"}.get(minimum, "an integer")
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer, float, np.floating))
+            or not np.isfinite(value) or value != int(value)):
+        raise ConfigError(f"{what} must be {kind}{' or None' if allow_none else ''}, got {value!r}.")
+    if minimum is not None and int(value) < minimum:
+        raise ConfigError(f"{what} must be {kind if minimum in (0, 1) else f'>= {minimum}'}, got {value!r}.")
+    return int(value)
+
+
+def check_bool(value: Any, what: str) -> bool:
+    """Validate a boolean hyperparameter: only True/False (a string "false" from a config file is refused,
+    since ``bool("false")`` is True)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ConfigError(f"{what} must be true or false, got {value!r}.")
+
+
+def check_number(value: Any, what: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> float:
+    """Validate a real hyperparameter in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"{what} must be a number, got {value!r}.")
+    v = float(value)
+    bad = np.isnan(v) or (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high)
+    if bad:
+        lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+        raise ConfigError(f"{what} must be in {lo}, {high}], got {value!r}.")
     return v
 
 

@@ -123,6 +123,9 @@ class FSSD(Detector):
     def tunes_on_ood(self) -> bool:  # type: ignore[override]
         return self.combine == "lr" or self.tune_eps
 
+    def _untuned_hint(self) -> str:
+        return "use combine='mean-z' (OOD-agnostic layer ensemble) or a single layer, with tune_eps=False and a fixed eps=."
+
     # ------------------------------------------------------------------ fitting
     def fit_requests(self) -> list[Request]:
         return []
@@ -165,6 +168,9 @@ class FSSD(Detector):
         the other part (the official code's val_for_train / val_for_test protocol)."""
         from ..metrics import auroc
 
+        grid = [self._request(eps) for eps in self.epsilons]
+        id_val.require(grid)  # one pass per split for the whole grid; the halves index the results
+        ood_val.require(grid)
         id_a, id_b = _split(id_val, self.val_split, self.seed)
         ood_a, ood_b = _split(ood_val, self.val_split, self.seed + 1)
         best, best_auc = self.epsilons[0], -1.0

@@ -118,6 +118,10 @@ class GRODIN(Detector):
     def _request(self, temperatures: tuple[float, ...], epsilons: tuple[float, ...]) -> GrodinStats:
         return GrodinStats(temperatures, epsilons, self.params, self.last_layer)
 
+    def _untuned_hint(self) -> str:
+        return ("pass tune=False with fixed temperature= and eps= (e.g. create('grodin', temperature=1, eps=0), "
+                "the paper's vanilla setting).")
+
     def _chosen(self) -> tuple[float, float]:
         return (self.temperature_, self.eps_) if self.tune else (self.temperature, self.eps)
 

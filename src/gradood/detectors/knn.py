@@ -6,7 +6,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..signals import FEATURES, Request, Signals
-from .base import Detector, check_choice, register
+from .base import Detector, check_bool, check_choice, check_int, check_number, register
 
 
 def normalize_rows(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -73,15 +73,11 @@ class KNN(Detector):
 
     def __init__(self, k: int = 50, normalize: bool = True, fraction: float = 1.0, backend: str = "auto",
                  seed: int = 0) -> None:
-        if int(k) < 1 or int(k) != k:
-            raise ConfigError(f"k must be a positive integer, got {k!r}.")
-        if not 0 < float(fraction) <= 1:
-            raise ConfigError(f"fraction must be in (0, 1], got {fraction!r}.")
-        self.k = int(k)
-        self.normalize = bool(normalize)
-        self.fraction = float(fraction)
+        self.k = check_int(k, "k", minimum=1)
+        self.normalize = check_bool(normalize, "normalize")
+        self.fraction = check_number(fraction, "fraction", low=0, high=1, low_open=True)
         self.backend = check_choice(backend, "backend", ("auto", "torch", "faiss"))
-        self.seed = int(seed)
+        self.seed = check_int(seed, "seed")
         if backend == "faiss" and not _faiss_available():
             raise ConfigError("backend='faiss' needs the faiss-cpu package: pip install faiss-cpu (or backend='torch').")
 

@@ -147,8 +147,11 @@ def fit_subspace(signals: Signals, *, subspace: str, k_dims: int, power_iters: i
     P = sum(v.numel() for v in mu.values())
     n = len(signals)
     if subspace == "pca":
-        if k_dims > min(P, n):
-            raise ConfigError(f"k_dims={k_dims} exceeds min(#parameters={P}, #fit samples={n}): lower k_dims.")
+        if k_dims > min(P, n - 1):
+            raise ConfigError(
+                f"k_dims={k_dims} is too large for #fit samples={n} (their centred gradients span at most {n - 1} "
+                f"directions) and #parameters={P}: use k_dims <= {min(P, n - 1)} or fit on more samples."
+            )
         v = _power_iteration(fit, mu, inv, k_dims, power_iters, seed, n)
     else:
         y = signals.labels

@@ -82,7 +82,6 @@ class Mahalanobis(Detector):
 
     def _fit(self, signals: Signals, **_: object) -> None:
         self.gaussian_ = TiedGaussian.fit(signals.features, _labels(signals))
-        self.n_classes_ = self.gaussian_.means.shape[0]
 
     def _score(self, signals: Signals) -> torch.Tensor:
         return -self.gaussian_.sqdists(signals.features).amin(dim=1)
@@ -194,6 +193,10 @@ class MahalanobisEnsemble(Detector):
         uses_val = self.combine == "lr" or self.tune_eps
         return uses_val and self.negatives == "ood"
 
+    def _untuned_hint(self) -> str:
+        return ("use negatives='fgsm' (FGSM-perturbed ID samples instead of OOD data) or combine='mean-z', "
+                "with tune_eps=False and a fixed eps=.")
+
     def _resolve_layers(self, signals: Signals) -> tuple[str, ...]:
         if self.layers is not None:
             return self.layers
@@ -210,7 +213,6 @@ class MahalanobisEnsemble(Detector):
         labels = _labels(signals)
         signals.require([Tap(layer, "mean") for layer in self.layers_])
         self.gaussians_ = tuple(TiedGaussian.fit(signals.get(Tap(layer, "mean")), labels) for layer in self.layers_)
-        self.n_classes_ = self.gaussians_[0].means.shape[0]
         self.eps_ = self.eps
         id_v = id_val if id_val is not None else signals
         if self.tune_eps:
@@ -231,6 +233,12 @@ class MahalanobisEnsemble(Detector):
         from ..metrics import auroc
         from .fssd import _split
 
+        grid = [self._request(eps) for eps in self.epsilons]
+        if self.negatives == "fgsm":
+            grid += [self._request(eps, self.fgsm_step) for eps in self.epsilons]
+        id_val.require(grid)  # one pass for the whole grid; the halves index the results
+        if self.negatives == "ood":
+            ood_val.require(grid)
         id_a, id_b = _split(id_val, self.val_split, self.seed)
         if self.negatives == "ood":
             assert ood_val is not None

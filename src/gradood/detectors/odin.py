@@ -83,6 +83,9 @@ class ODIN(Detector):
     def tunes_on_ood(self) -> bool:  # type: ignore[override]
         return self.tune
 
+    def _untuned_hint(self) -> str:
+        return "pass tune=False with fixed temperature= and eps= (e.g. create('odin', temperature=1000, eps=0.0014))."
+
     def _chosen(self) -> tuple[float, float]:
         if self.tune:
             return self.temperature_, self.eps_

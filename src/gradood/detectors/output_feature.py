@@ -18,7 +18,7 @@ from ..errors import ConfigError, InputError
 from ..grads.head import (NORMS, expected_logprob_grad_output_term, feature_norm, gini_impurity,
                           head_grad_norm, loss_delta)
 from ..signals import FEATURES, LOGITS, Request, Signals
-from .base import Detector, check_choice, check_positive, register, register_variant
+from .base import Detector, check_bool, check_choice, check_int, check_number, check_positive, register, register_variant
 
 
 class _LogitsFeatures(Detector):
@@ -26,6 +26,11 @@ class _LogitsFeatures(Detector):
 
     def requests(self) -> list[Request]:
         return [LOGITS, FEATURES]
+
+    def _bias(self, signals: Signals) -> bool:
+        """``include_bias`` counts the head's bias only if the head has one (unknown head: as asked)."""
+        has = signals.has_head_bias()
+        return bool(getattr(self, "include_bias", False)) and has is not False
 
 
 def _clipped_sum(h: torch.Tensor, k: float) -> torch.Tensor:
@@ -63,13 +68,13 @@ class GradNorm(_LogitsFeatures):
                  loss: str = "kl_uniform") -> None:
         self.temperature = check_positive(temperature, "temperature")
         self.norm = check_choice(norm, "norm", NORMS)
-        self.include_bias = bool(include_bias)
+        self.include_bias = check_bool(include_bias, "include_bias")
         self.loss = check_choice(loss, "loss", ("kl_uniform", "ones"))
 
     def _score(self, signals: Signals) -> torch.Tensor:
         f, h = signals.logits.double(), signals.features.double()
         delta = loss_delta(self.loss, f, self.temperature)
-        return head_grad_norm(delta, h, self.norm, self.include_bias)
+        return head_grad_norm(delta, h, self.norm, self._bias(signals))
 
 
 @register("exgrad")
@@ -91,15 +96,15 @@ class ExGrad(_LogitsFeatures):
                  higher_is_id: bool = False) -> None:
         self.temperature = check_positive(temperature, "temperature")
         self.norm = check_choice(norm, "norm", NORMS)
-        self.include_bias = bool(include_bias)
-        self.higher_is_id = bool(higher_is_id)
+        self.include_bias = check_bool(include_bias, "include_bias")
+        self.higher_is_id = check_bool(higher_is_id, "higher_is_id")
 
     def raw(self, signals: Signals) -> torch.Tensor:
         """The expected gradient norm itself (no sign flip)."""
         signals.require(self.requests())
         f, h = signals.logits.double(), signals.features.double()
         u = expected_logprob_grad_output_term(f, self.temperature, self.norm)
-        return u * feature_norm(h, self.norm, self.include_bias)
+        return u * feature_norm(h, self.norm, self._bias(signals))
 
     def _score(self, signals: Signals) -> torch.Tensor:
         r = self.raw(signals)
@@ -128,9 +133,8 @@ class RG(_LogitsFeatures):
     def __init__(self, k: float = 1.0, temperature: float = 1.0, k_percentile: float | None = None) -> None:
         self.k = check_positive(k, "k", allow_inf=True)
         self.temperature = check_positive(temperature, "temperature")
-        if k_percentile is not None and not 0 < float(k_percentile) <= 100:
-            raise ConfigError(f"k_percentile must be in (0, 100], got {k_percentile!r}.")
-        self.k_percentile = k_percentile
+        self.k_percentile = None if k_percentile is None else check_number(
+            k_percentile, "k_percentile", low=0, high=100, low_open=True)
 
     @property
     def fits_on_id(self) -> bool:  # type: ignore[override]
@@ -168,10 +172,8 @@ class RGAdditive(_LogitsFeatures):
     def __init__(self, k: float = 1.0, m: float = 0.6, n_fit: int = 1000, seed: int = 0) -> None:
         self.k = check_positive(k, "k", allow_inf=True)
         self.m = check_positive(m, "m", allow_zero=True)
-        if int(n_fit) < 2:
-            raise ConfigError(f"n_fit must be >= 2 samples, got {n_fit!r}.")
-        self.n_fit = int(n_fit)
-        self.seed = int(seed)
+        self.n_fit = check_int(n_fit, "n_fit", minimum=2)
+        self.seed = check_int(seed, "seed")
 
     def _fit(self, signals: Signals, **_: object) -> None:
         n = len(signals)
@@ -204,11 +206,11 @@ class SumExpGrad(_LogitsFeatures):
     paper = "RG: Out-of-distribution detection with Reactivate GradNorm, eq. 5 (with the output term corrected)"
 
     def __init__(self, include_bias: bool = False) -> None:
-        self.include_bias = bool(include_bias)
+        self.include_bias = check_bool(include_bias, "include_bias")
 
     def _score(self, signals: Signals) -> torch.Tensor:
         f, h = signals.logits.double(), signals.features.double()
-        return torch.logsumexp(f, dim=1) + torch.log(feature_norm(h, "l1", self.include_bias))
+        return torch.logsumexp(f, dim=1) + torch.log(feature_norm(h, "l1", self._bias(signals)))
 
 
 # ---------------------------------------------------------------------- the U x V family
@@ -274,7 +276,7 @@ class OutputFeature(_LogitsFeatures):
         self.feature_term = check_choice(feature_term, "feature_term", FEATURE_TERMS)
         self.temperature = check_positive(temperature, "temperature")
         self.k = check_positive(k, "k", allow_inf=True)
-        self.higher_is_id = higher_is_id
+        self.higher_is_id = None if higher_is_id is None else check_bool(higher_is_id, "higher_is_id")
 
     def _score(self, signals: Signals) -> torch.Tensor:
         u = _output_term(self.output_term, signals.logits.double(), self.temperature)

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..signals import FEATURES, Request, Signals
-from .base import Detector, check_positive, register
+from .base import Detector, check_number, check_positive, register
 from .output_feature import _percentile
 
 
@@ -28,9 +28,7 @@ class ReAct(Detector):
     signals = ("features",)
 
     def __init__(self, percentile: float = 90.0, clip: float | None = None, temperature: float = 1.0) -> None:
-        if clip is None and not 0 < float(percentile) <= 100:
-            raise ConfigError(f"percentile must be in (0, 100], got {percentile!r}.")
-        self.percentile = percentile
+        self.percentile = check_number(percentile, "percentile", low=0, high=100, low_open=True)
         self.clip = None if clip is None else check_positive(clip, "clip", allow_zero=True, allow_inf=True)
         self.temperature = check_positive(temperature, "temperature")
 

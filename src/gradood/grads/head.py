@@ -98,7 +98,12 @@ def expected_logprob_grad_output_term(logits: torch.Tensor, T: float, norm: str)
     if norm == "l2sq":
         return g / T**2
     if norm == "l2":
-        # ||e_y - p||^2 = (1 - p_y)^2 + (sum_k p_k^2 - p_y^2), with sum p^2 = 1 - g.
-        sq = (1.0 - p).pow(2) + ((1.0 - g).unsqueeze(1) - p.pow(2)).clamp_min(0.0)
-        return (p * sq.sqrt()).sum(dim=1) / T
+        # ||e_y - p||^2 = (1 - p_y)^2 + sum_{k != y} p_k^2. For the top class both terms are formed from the
+        # other probabilities directly, so a confident prediction (p_max ~ 1) keeps its digits.
+        top = p.argmax(dim=1, keepdim=True)
+        others = p.scatter(1, top, 0.0)
+        one_minus = (1.0 - p).scatter(1, top, others.sum(dim=1, keepdim=True))
+        sq = p.pow(2)
+        rest_sq = (sq.sum(dim=1, keepdim=True) - sq).scatter(1, top, others.pow(2).sum(dim=1, keepdim=True))
+        return (p * (one_minus.pow(2) + rest_sq.clamp_min(0.0)).sqrt()).sum(dim=1) / T
     raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}.")
