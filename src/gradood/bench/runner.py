@@ -146,7 +146,7 @@ def prepare(spec: BenchSpec, run: RunSpec, cache: Path, progress: bool) -> Prepa
         x, y = ds.tensors(mean=info.mean, std=info.std)
         folder = cache / run.model / f"{ref.key(spec.seed)}{part}"
         return Signals(source=_source(x, y, spec.batch_size), probe=probe, name=name, cache_dir=folder,
-                       progress=progress)
+                       progress=progress, checkpoint_every=spec.checkpoint_every)
 
     fit = signals(run.id_fit, f"{run.id_fit.label} (fit)")
     test = signals(run.id_test, f"{run.id_test.label} (test)")
@@ -210,11 +210,27 @@ def _row(ref: DetectorRef, det: Any, ood_name: str, p: Prepared, metrics: dict) 
 
 
 # ---------------------------------------------------------------------- whole benchmark
+def validate_names(spec: BenchSpec) -> None:
+    """Check every model, dataset and split name before anything is downloaded or run."""
+    from .. import data, models
+
+    for run in spec.runs:
+        models.describe(run.model)
+        for ref in (run.id_fit, run.id_test, run.id_val, *run.oods):
+            if ref is None:
+                continue
+            ds = data.describe(ref.dataset)
+            if ref.split is not None and ref.split not in ds.splits:
+                raise ConfigError(f"run {run.model}: dataset {ref.dataset!r} has no split {ref.split!r}; "
+                                  f"its splits are {', '.join(ds.splits)}.")
+
+
 def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only: list[str] | None = None,
                   progress: bool = True, log=print) -> tuple[list[dict], dict, list[str]]:
     """Run every (run, detector); returns (rows, scores for the report, error messages)."""
     from tqdm.auto import tqdm
 
+    validate_names(spec)
     cache = cache or out / "cache"
     store = ResultStore(out)
     all_rows: list[dict] = []
@@ -244,6 +260,7 @@ def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only
                     errors.append(f"{run.model} / {ref.display}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
                     continue
                 store.save(key, ref.key(), rows, scores)
+                log(f"  {ref.display}: {rows[0]['seconds']:.1f} s" if rows else f"  {ref.display}: no rows")
                 done = (rows, scores)
             rows, scores = done
             for r in rows:

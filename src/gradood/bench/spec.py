@@ -100,6 +100,7 @@ class BenchSpec:
     seed: int = 0
     ood_val: int = 500
     bootstrap: int = 0
+    checkpoint_every: int = 20
     source: str = ""
 
 
@@ -208,14 +209,16 @@ def parse_spec(text: str, source: str = "<string>") -> BenchSpec:
             oods=tuple(_data_ref(o, f"{where} ood[{j}]") for j, o in enumerate(r["ood"])),
             detectors=_detector_refs(r.get("detectors", top_detectors), where, overrides),
         ))
-    known = {"name", "description", "batch_size", "seed", "ood_val", "bootstrap", "run", "detectors", "overrides"}
+    known = {"name", "description", "batch_size", "seed", "ood_val", "bootstrap", "run", "detectors", "overrides",
+             "checkpoint_every"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{source}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(known)}.")
     return BenchSpec(name=str(raw.get("name", Path(source).stem)), runs=tuple(runs),
                      description=str(raw.get("description", "")), batch_size=int(raw.get("batch_size", 256)),
                      seed=int(raw.get("seed", 0)), ood_val=int(raw.get("ood_val", 500)),
-                     bootstrap=int(raw.get("bootstrap", 0)), source=source)
+                     bootstrap=int(raw.get("bootstrap", 0)), checkpoint_every=int(raw.get("checkpoint_every", 20)),
+                     source=source)
 
 
 def load_spec(path: str | Path | None = None) -> BenchSpec:

@@ -53,7 +53,10 @@ class LayerCombiner:
             neg = negatives.double().numpy()
             X = np.concatenate([pos, neg])
             y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
-            with warnings.catch_warnings():
+            from threadpoolctl import threadpool_limits
+
+            # one BLAS thread: these problems are tiny and threads only add overhead (30x under load)
+            with warnings.catch_warnings(), threadpool_limits(limits=1):
                 # sklearn >= 1.8 announces default changes; we want today's defaults, as the official codes used
                 warnings.simplefilter("ignore", FutureWarning)
                 self.lr_ = LogisticRegressionCV(random_state=42, max_iter=2000).fit(X, y)
