@@ -36,16 +36,19 @@ class LayerCombiner:
         self.layers = tuple(layers)
         self.seed = seed
 
-    def fit(self, id_fit_values: torch.Tensor, *, id_val: Signals | None, ood_val: Signals | None,
-            request: Request, negatives: torch.Tensor | None = None) -> "LayerCombiner":
+    def fit(self, request: Request, *, fit: Signals, id_val: Signals | None, ood_val: Signals | None,
+            negatives: torch.Tensor | None = None) -> "LayerCombiner":
+        """Fit on the per-layer scores ``request`` yields: ID fit data for "mean-z"; the ID validation split
+        (default: the fit data) against ``ood_val`` (or explicit ``negatives``) for "lr". Only what the mode
+        uses is computed."""
         if self.mode == "mean-z":
-            v = id_fit_values.double()
+            v = fit.get(request).double()
             self.mean_ = v.mean(dim=0)
             self.std_ = v.std(dim=0).clamp_min(1e-12)
         elif self.mode == "lr":
             from sklearn.linear_model import LogisticRegressionCV
 
-            pos = (id_val.get(request) if id_val is not None else id_fit_values).double().numpy()
+            pos = (id_val if id_val is not None else fit).get(request).double().numpy()
             if negatives is None:
                 if ood_val is None:
                     raise InputError("the 'lr' layer ensemble needs ood_val= (OOD validation signals).")

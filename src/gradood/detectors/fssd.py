@@ -157,8 +157,7 @@ class FSSD(Detector):
             assert ood_val is not None
             self.eps_ = self._select_eps(id_val if id_val is not None else signals, ood_val)
         self.combiner_ = LayerCombiner(self.combine, self.layers_, seed=self.seed)
-        self.combiner_.fit(signals.get(self._request(self.eps_)), id_val=id_val, ood_val=ood_val,
-                           request=self._request(self.eps_))
+        self.combiner_.fit(self._request(self.eps_), fit=signals, id_val=id_val, ood_val=ood_val)
 
     def _request(self, eps: float) -> SingularityDistances:
         return SingularityDistances(self.layers_, self.centers_, eps, self.perturb_mode)
@@ -177,7 +176,7 @@ class FSSD(Detector):
         for eps in self.epsilons:
             r = self._request(eps)
             comb = LayerCombiner(self.combine, self.layers_, seed=self.seed)
-            comb.fit(id_a.get(r), id_val=id_a, ood_val=ood_a, request=r)
+            comb.fit(r, fit=id_a, id_val=id_a, ood_val=ood_a)
             a = auroc(comb.transform(id_b.get(r)).numpy(), comb.transform(ood_b.get(r)).numpy())
             if a > best_auc:
                 best, best_auc = eps, a

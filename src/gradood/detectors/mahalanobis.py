@@ -226,8 +226,7 @@ class MahalanobisEnsemble(Detector):
         r = self._request(eps)
         negatives = id_v.get(self._request(eps, self.fgsm_step)) if self.negatives == "fgsm" else None
         comb = LayerCombiner(self.combine, self.layers_, seed=self.seed)
-        return comb.fit(fit.get(r) if self.combine == "mean-z" else id_v.get(r), id_val=id_v, ood_val=ood_v,
-                        request=r, negatives=negatives)
+        return comb.fit(r, fit=fit, id_val=id_v, ood_val=ood_v, negatives=negatives)
 
     def _select_eps(self, id_val: Signals, ood_val: Signals | None) -> float:
         from ..metrics import auroc
