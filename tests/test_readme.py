@@ -34,3 +34,10 @@ def test_api_example_runs_and_detects_ood():
     metrics = namespace["gradood"].evaluate(namespace["detector"].score(namespace["test"]),
                                              namespace["detector"].score(namespace["ood"]))
     assert 0.6 < metrics["auroc"] <= 1.0
+
+
+def test_detector_catalogue_in_docs_matches_the_registry():
+    from gradood.cli import detectors_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "detectors.md"
+    assert docs.read_text() == detectors_markdown(), "regenerate with: gradood list --markdown > docs/detectors.md"
