@@ -51,14 +51,21 @@ Call = tuple[torch.Tensor, torch.Tensor]  # (layer input, gradient w.r.t. the la
 
 def row_chunks(n: int, per_row: int, budget: int | None = None) -> Iterator[slice]:
     """Slices of ``range(n)`` whose rows hold at most ``budget`` numbers in total (at least one row each)."""
-    step = max(1, (budget or CHUNK_ELEMENTS) // max(1, per_row))
+    most = max(1, (budget or CHUNK_ELEMENTS) // max(1, per_row))
+    # equal chunks: a small remainder chunk would run its GEMMs slowly and re-read the operands
+    step = -(-n // -(-n // most))
     for s in range(0, n, step):
         yield slice(s, min(n, s + step))
 
 
 def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``sum_j x[i, j] y[i, j]`` for 2-D ``x``, ``y`` without forming the product tensor."""
-    return torch.linalg.vecdot(x, y, dim=1)
+    """``sum_j x[i, j] y[i, j]`` for 2-D ``x``, ``y``."""
+    return (x * y).sum(1)
+
+
+def row_sqnorms(x: torch.Tensor) -> torch.Tensor:
+    """``sum_j x[i, j]^2`` for 2-D ``x``: one fused reduction, no squared copy."""
+    return torch.linalg.vector_norm(x, dim=1).square()
 
 
 def forward_is(module: nn.Module, base: type) -> bool:
@@ -138,7 +145,7 @@ class LayerGrads:
         out = self._zeros(self.B)
         for rows in self.row_slices(attr):
             for _, m in self.materialize_blocks(attr, rows):
-                out[rows] += rowdot(m, m)
+                out[rows] += row_sqnorms(m)
         return out
 
     def _project(self, attr: str, V: torch.Tensor) -> torch.Tensor:
@@ -267,10 +274,9 @@ class LinearGrads(LayerGrads):
     # -- squared norms
     def _sqnorm(self, attr: str) -> torch.Tensor:
         if attr == "bias":
-            return rowdot(self.gsum, self.gsum)
+            return row_sqnorms(self.gsum)
         if self.T == 1 and FORCE_ROUTE != "materialize":
-            a, g = self.a[:, 0], self.g[:, 0]
-            return rowdot(a, a) * rowdot(g, g)
+            return row_sqnorms(self.a[:, 0]) * row_sqnorms(self.g[:, 0])
         T, I, O = self.T, self.I, self.O
         gram = T * T * (I + O) + MEMORY_COST * T * T
         mat = T * O * I + MEMORY_COST * O * I
@@ -441,7 +447,7 @@ class ConvGrads(LayerGrads):
 
     def _sqnorm(self, attr: str) -> torch.Tensor:
         if attr == "bias":
-            return rowdot(self.gsum, self.gsum)
+            return row_sqnorms(self.gsum)
         Ls = self._positions()
         Igkk, Og, G = self.Ig * self.kk, self.O // self.G, self.G
         # the weight-gradient kernel run with samples as groups reaches about 2/3 of dense-GEMM speed
@@ -529,17 +535,21 @@ class _Phase:
     extent: tuple[int, ...]  # sub-grid size the windows need
 
     def window_sum(self, gp: torch.Tensor, sp_out: tuple[int, ...]) -> torch.Tensor:
-        """``sum_q gp[:, t + q, t' + q]`` over this phase's shifts q, ``(n, *sp_out, *sp_out)``, as one
-        reduction over a strided view (the shift moves rows and columns together)."""
+        """``sum_q gp[:, t + q, t' + q]`` over this phase's shifts q, ``(n, *sp_out, *sp_out)``.
+
+        The shifts are a product over dimensions, so the sum is separable: one dimension at a time (3 + 3
+        slice-adds instead of 9 for a 3 x 3 kernel). A shift moves a pixel's row and column index together.
+        """
         d = len(sp_out)
-        st = gp.stride()
-        rows, cols = st[1:1 + d], st[1 + d:1 + 2 * d]
-        diag = [r + c for r, c in zip(rows, cols)]
-        view = gp.as_strided(
-            (gp.shape[0], *sp_out, *sp_out, *self.count),
-            (st[0], *rows, *cols, *[dg * s for dg, s in zip(diag, self.step)]),
-            gp.storage_offset() + sum(dg * f for dg, f in zip(diag, self.first)))
-        return view.sum(dim=tuple(range(1 + 2 * d, 1 + 3 * d)))
+        x = gp
+        for i in range(d):
+            acc = None
+            for j in range(self.count[i]):
+                q = self.first[i] + j * self.step[i]
+                block = x.narrow(1 + i, q, sp_out[i]).narrow(1 + d + i, q, sp_out[i])
+                acc = block.clone() if acc is None else acc.add_(block)
+            x = acc
+        return x
 
 
 # ---------------------------------------------------------------------------------------------- embedding

@@ -150,21 +150,34 @@ class GradBasis:
         """The ``P x K`` matrix (rows in :attr:`names` order). Allocates P x K numbers."""
         return torch.cat([v.reshape(-1, self.k) for v in self.directions.values()])
 
+    def _row_blocks(self) -> Any:
+        """``(name, rows slice, float64 copy of those rows)`` over every block, a few MB at a time."""
+        step = max(1, (1 << 22) // self.k)
+        for n, v in self.directions.items():
+            m = v.reshape(-1, self.k)
+            for r in range(0, m.shape[0], step):
+                yield n, slice(r, r + step), m[r:r + step].double()
+
     def gram(self) -> torch.Tensor:
-        """``V^T V`` (``K x K``), summed block by block (never forms V)."""
-        return sum(v.reshape(-1, self.k).T @ v.reshape(-1, self.k) for v in self.directions.values())  # type: ignore
+        """``V^T V`` (``K x K``, float64), summed over row blocks (never forms V)."""
+        g = torch.zeros(self.k, self.k, dtype=torch.float64)
+        for _, _, c in self._row_blocks():
+            g += (c.T @ c).cpu()
+        return g
 
     def orthonormalized(self) -> "GradBasis":
         """Orthonormal columns spanning the same space: ``V R^{-1}`` with ``V^T V = R^T R`` (Cholesky),
         applied block by block. Raises when the directions are (numerically) dependent."""
-        gram = self.gram().double()
-        try:
-            chol = torch.linalg.cholesky(gram)
-        except RuntimeError:
-            raise ConfigError("the directions are linearly dependent; cannot orthonormalise them.") from None
+        gram = self.gram().double().cpu()
+        chol, info = torch.linalg.cholesky_ex(gram)
+        # a pivot tiny next to its column's norm means that direction is (numerically) a mix of the others
+        pivots = chol.diagonal() / gram.diagonal().clamp_min(1e-300).sqrt()
+        if int(info) != 0 or not bool((pivots > 1e-7).all()):
+            raise ConfigError("the directions are linearly dependent; cannot orthonormalise them.")
         inv = torch.linalg.solve_triangular(chol.T, torch.eye(self.k, dtype=gram.dtype), upper=True)
-        dirs = {n: (v.reshape(-1, self.k).double() @ inv.to(v.device)).to(v.dtype).reshape(v.shape)
-                for n, v in self.directions.items()}
+        dirs = {n: torch.empty(v.shape, dtype=v.dtype, device=v.device) for n, v in self.directions.items()}
+        for n, rows, c in self._row_blocks():
+            dirs[n].view(-1, self.k)[rows] = (c @ inv.to(c.device)).to(dirs[n].dtype)
         return GradBasis(dirs, center=self.center, scale=self.scale)
 
     def normalized(self) -> "GradBasis":
@@ -172,5 +185,5 @@ class GradBasis:
         norms = self.gram().diagonal().sqrt()
         if not bool((norms > 0).all()):
             raise ConfigError("a direction is zero and cannot be normalised.")
-        dirs = {n: v / norms.to(v) for n, v in self.directions.items()}
+        dirs = {n: v / norms.to(device=v.device, dtype=v.dtype) for n, v in self.directions.items()}
         return GradBasis(dirs, center=self.center, scale=self.scale)

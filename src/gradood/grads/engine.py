@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ConfigError, InputError
 from ._capture import (Loss, check_eval_mode, check_losses, model_dtype_device, prepare_input, resolve_params,
                        run_pass)
-from ._layers import LayerGrads, rowdot
+from ._layers import LayerGrads, row_sqnorms
 from .basis import GradBasis, Tensors
 
 
@@ -37,7 +37,7 @@ class _SqNorms:
 
     def add_materialized(self, rows: slice, grads: dict[str, torch.Tensor]) -> None:
         for g in grads.values():
-            self.total[rows] += rowdot(g, g)
+            self.total[rows] += row_sqnorms(g)
 
 
 class _Projections:
