@@ -260,7 +260,8 @@ def memory_table(threads: int) -> None:
             for b in batches:
                 r = run_child(["--memory-child", name, method, str(b), str(threads), "1"])
                 cells.append(r["peak_mb"] - r["baseline_mb"])
-            print(f"   {name:<10}{method:<8}" + "".join(f"{c:>10.0f}MB" for c in cells) + f"{cells[1] / max(cells[0], 1):>10.1f}x")
+            growth = cells[1] / max(cells[0], 1)
+            print(f"   {name:<10}{method:<8}" + "".join(f"{c:>10.0f}MB" for c in cells) + f"{growth:>10.1f}x")
     P = {n: sum(p.numel() for p in build(n, 1)[0].parameters()) for n in MODELS}
     print("   (B x P x 4 bytes, what holding all per-sample gradients takes: " +
           ", ".join(f"{n} {BATCH * P[n] * 4 / 2**20:.0f} MB" for n in MODELS) + ")")

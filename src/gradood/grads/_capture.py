@@ -46,14 +46,15 @@ def check_eval_mode(model: nn.Module) -> None:
     """Per-sample gradients need every module in eval mode and no batch statistics."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"per-sample gradients need a torch.nn.Module, got {type(model).__name__}.")
-    training = [n or type(model).__name__ for n, m in model.named_modules() if m.training]
+    modules = list(model.named_modules())
+    training = [n or type(model).__name__ for n, m in modules if m.training]
     if training:
         raise ModelError(
             f"the model is in training mode ({len(training)} modules, e.g. {training[:3]}). In training mode "
             "BatchNorm normalises with statistics of the whole batch, so one sample's gradient depends on the "
             "other samples, and Dropout makes it random. Call model.eval() before computing per-sample gradients."
         )
-    for n, m in model.named_modules():
+    for n, m in modules:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
             raise ModelError(
                 f"BatchNorm layer {n!r} has no running statistics (track_running_stats=False), so even in eval "
@@ -209,8 +210,9 @@ class _Site:
         B = self.batch_size
         if not (isinstance(a, torch.Tensor) and isinstance(output, torch.Tensor) and a.ndim >= 1
                 and output.ndim >= 1 and a.shape[0] == B and output.shape[0] == B):
-            self.disabled = (f"its input/output do not have the batch ({B} samples) in dimension 0 "
-                             f"(input {tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__})")
+            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            self.disabled = (f"its first positional input / output is not a tensor with the batch ({B} samples) "
+                             f"in dimension 0 (input: {shape})")
             self.calls.clear()
             return None
         self.calls.append([a.detach(), None, a._version])
@@ -239,10 +241,10 @@ class _Site:
             self.reducer.add_layer(self.handler(self.module, list(self.names), calls, self.batch_size), self.names)
 
 
-def plan_sites(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+def plan_sites(model: nn.Module, names: Sequence[str], owners: dict[str, tuple[str, nn.Module, str]]
+               ) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """Split the selected parameters into fast-path layers (module name -> {attr: param name}) and the
     torch.func fallback (param name -> reason)."""
-    owners = _direct_params(model)
     shared = _shared_params(model)
     named = dict(model.named_parameters())
     native: dict[str, dict[str, str]] = {}
@@ -277,14 +279,15 @@ def run_pass(model: nn.Module, x: torch.Tensor, loss_fn: Loss, names: Sequence[s
     """One forward and one backward feeding ``reducer``; fallback parameters afterwards. Returns the output."""
     B = x.shape[0]
     owners = _direct_params(model)
-    native, fallback = plan_sites(model, names)
+    native, fallback = plan_sites(model, names, owners)
     if fallback:
         warn_fallback(fallback, owners)
     dtype, _ = model_dtype_device(model)
     anchor = torch.zeros((), dtype=dtype, device=x.device, requires_grad=True)
-    modules = dict(model.named_modules())
-    sites = [_Site(mname, modules[mname], handler_for(modules[mname]), attrs, B, reducer, anchor)  # type: ignore[arg-type]
-             for mname, attrs in native.items()]
+    sites = []
+    for mname, attrs in native.items():
+        module = owners[next(iter(attrs.values()))][1]
+        sites.append(_Site(mname, module, handler_for(module), attrs, B, reducer, anchor))  # type: ignore[arg-type]
     handles = [s.module.register_forward_hook(s.forward_hook) for s in sites]
     try:
         with torch.enable_grad():

@@ -241,10 +241,8 @@ class LayerNormGrads(_SmallGrads):
         B, P = g.shape[0], math.prod(self.module.normalized_shape)
         out = {}
         if "weight" in self.attrs:
-            # Positions between the batch and the normalised dims sum; bmm over them avoids a g * xhat copy.
-            g3 = g.reshape(B, -1, P).transpose(1, 2)  # B, P, T
-            x3 = self._normalize(a).reshape(B, -1, P).transpose(1, 2)
-            out["weight"] = (g3 * x3).sum(2)
+            # dimensions between the batch and the normalised ones are positions: their gradients add up
+            out["weight"] = (g * self._normalize(a)).reshape(B, -1, P).sum(1)
         if "bias" in self.attrs:
             out["bias"] = g.reshape(B, -1, P).sum(1)
         return out
@@ -336,11 +334,17 @@ class LinearGrads(LayerGrads):
 class ConvGrads(LayerGrads):
     """``nn.Conv1d/2d/3d`` (any stride, padding, padding mode, dilation, groups).
 
-    A sample's weight gradient is ``sum_t g_t U_t^T`` over output positions t with ``U_t`` the input patch.
-    Its squared norm either comes from forming it (the convolution weight-gradient kernel run with the batch
-    folded into groups: ``B x O x I k k`` numbers, cheap when positions are many), or from the Gram form
-    ``sum_{t,t'} (U_t . U_t')(g_t . g_t')`` (``B x L x L``, cheap when positions are few: late, low-resolution
-    layers). The layer picks whichever costs fewer operations for its shapes.
+    A sample's weight gradient is ``sum_t g_t U_t^T`` over output positions t, ``U_t`` the input patch.
+    Squared norms come from one of two routes, chosen per layer by operation count:
+
+    * materialise the per-sample gradients (``B x O x I k^2``, in chunks of samples): cheap when positions
+      are many (early, high-resolution layers);
+    * the Gram form ``sum_{t,t'} (U_t . U_t')(g_t . g_t')`` with the patch Gram built from pixel inner
+      products (:meth:`_gram_sqnorm`): cheap when positions are few (late, low-resolution layers).
+
+    Materialising itself uses the convolution weight-gradient kernel with samples folded into groups when
+    positions are many, and unfolded patches x output gradients per block of output channels when they are
+    few (:meth:`materialize_blocks`); projections, weighted sums and moments always materialise.
     """
 
     attrs_supported = frozenset({"weight", "bias"})
@@ -630,7 +634,8 @@ def handler_for(module: nn.Module) -> type[LayerGrads] | None:
     for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         if forward_is(module, base):
             return ConvGrads
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward is nn.modules.batchnorm._BatchNorm.forward:
+    batchnorm = nn.modules.batchnorm._BatchNorm
+    if isinstance(module, batchnorm) and type(module).forward is batchnorm.forward:
         return ChannelNormGrads
     if forward_is(module, nn.GroupNorm):
         return ChannelNormGrads
@@ -646,5 +651,6 @@ def handler_for(module: nn.Module) -> type[LayerGrads] | None:
     return None
 
 
-NATIVE_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d/2d/3d (eval)", "GroupNorm", "InstanceNorm1d/2d/3d",
-                 "LayerNorm", "RMSNorm", "Embedding")
+#: Layers with a native (factored, exact) per-sample rule; anything else uses the torch.func fallback.
+NATIVE_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d/2d/3d (eval)", "GroupNorm",
+                 "InstanceNorm1d/2d/3d", "LayerNorm", "RMSNorm", "Embedding")
