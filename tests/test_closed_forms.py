@@ -234,7 +234,7 @@ def test_rg_eq5_log_form_does_not_overflow_for_large_logits():
     ref = torch.logsumexp(f, dim=1) + h.abs().sum(dim=1).log()  # float64 reference
     fast = torch.as_tensor(gradood.create("rg-eq5").score(s))
     assert torch.isfinite(fast).all()
-    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(fast, ref, rtol=2e-6, atol=0.0)  # float32 model: scored in float32
 
 
 # ----------------------------------------------------------------------------------------- grads/head.py
@@ -347,4 +347,5 @@ def test_exgrad_keeps_precision_for_confident_predictions(norm):
     ref = torch.tensor([_mp_expected_output_term(r.tolist(), 1.0, norm) * feat for r in logits], dtype=torch.float64)
     got = gradood.create("exgrad-id", norm=norm).score(s)
     assert got.min() > 0
-    torch.testing.assert_close(torch.as_tensor(got), ref, rtol=1e-9, atol=0.0)
+    # float32 signals are scored in float32: the error is float32 rounding (~1e-7), not cancellation (O(1))
+    torch.testing.assert_close(torch.as_tensor(got), ref, rtol=1e-6, atol=0.0)

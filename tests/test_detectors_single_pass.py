@@ -21,6 +21,11 @@ from gradood.detectors.knn import kth_neighbour_sqdist
 C = 5
 
 
+# The models here are float32 and single-pass scores are computed in the signals' own precision (as autograd
+# would): compare with float64 numpy references at float32 rounding.
+F32 = 2e-6
+
+
 def _signals(model, n, seed, labels=True, batch_size=16):
     x = make_inputs(n, 6, seed=seed, scale=1.5)
     data = (x, make_labels(n, C, seed=seed)) if labels else x
@@ -54,9 +59,9 @@ def test_msp_maxlogit_energy(relu_model, T):
     f = np_(s.logits)
     np.testing.assert_allclose(gradood.create("msp", temperature=T).score(s), softmax(f / T, axis=1).max(1),
                                rtol=1e-6)
-    np.testing.assert_allclose(gradood.create("maxlogit").score(s), f.max(1), rtol=1e-12)
+    np.testing.assert_allclose(gradood.create("maxlogit").score(s), f.max(1), rtol=F32)
     np.testing.assert_allclose(gradood.create("energy", temperature=T).score(s), T * logsumexp(f / T, axis=1),
-                               rtol=1e-12)
+                               rtol=F32)
 
 
 def test_klmatching_templates_and_score():
@@ -75,7 +80,7 @@ def test_klmatching_templates_and_score():
             templates[k] = p[pred == k].mean(0)
     assert not (pred == 4).any()
     templates = (1 - smoothing) * templates + smoothing / C
-    np.testing.assert_allclose(np_(det.templates_), templates, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(np_(det.templates_), templates, rtol=F32, atol=1e-15)
 
     q = softmax(f_test, axis=1)
     kl = np.array([[np.sum(qi * (np.log(qi) - np.log(t))) for t in templates] for qi in q])
@@ -92,7 +97,7 @@ def test_react_percentile_and_score(relu_model, percentile):
     assert det.clip_ == pytest.approx(c, rel=1e-12)
     W, b = _head(relu_model)
     ref = logsumexp(np.minimum(np_(test.features), c) @ W.T + b, axis=1)
-    np.testing.assert_allclose(det.score(test), ref, rtol=1e-10)
+    np.testing.assert_allclose(det.score(test), ref, rtol=F32)
 
 
 @pytest.mark.parametrize("T", [1.0, 3.0])
@@ -102,7 +107,7 @@ def test_react_absolute_clip_needs_no_fit(relu_model, T):
     assert not det.fits_on_id
     W, b = _head(relu_model)
     ref = T * logsumexp((np.minimum(np_(test.features), 0.5) @ W.T + b) / T, axis=1)
-    np.testing.assert_allclose(det.score(test), ref, rtol=1e-10)
+    np.testing.assert_allclose(det.score(test), ref, rtol=F32)
 
 
 def test_react_from_arrays_uses_given_head():
@@ -112,7 +117,7 @@ def test_react_from_arrays_uses_given_head():
     s = gradood.Signals.from_arrays(features=h, head_weight=W, head_bias=b)
     det = gradood.create("react", percentile=80).fit(s)
     c = np.percentile(h, 80)
-    np.testing.assert_allclose(det.score(s), logsumexp(np.minimum(h, c) @ W.T + b, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(det.score(s), logsumexp(np.minimum(h, c) @ W.T + b, axis=1), rtol=F32)
 
 
 # ----------------------------------------------------------------------------------------- Mahalanobis
@@ -122,7 +127,7 @@ def test_mahalanobis_against_sklearn(tanh_model):
     H, y = np_(fit.features), fit.labels.numpy()
     means = np.stack([H[y == c].mean(0) for c in range(C)])
     ec = EmpiricalCovariance().fit(H - means[y])
-    np.testing.assert_allclose(np_(det.gaussian_.means), means, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np_(det.gaussian_.means), means, rtol=F32, atol=1e-12)
     np.testing.assert_allclose(np_(det.gaussian_.precision), ec.precision_, rtol=1e-7, atol=1e-8)
 
     Q = np_(test.features)
@@ -187,7 +192,7 @@ def test_kth_neighbour_chunking_is_exact(query_chunk, bank_chunk, k):
     bank, Q = rng.normal(size=(23, 4)), rng.normal(size=(11, 4))
     got = kth_neighbour_sqdist(torch.from_numpy(Q), torch.from_numpy(bank), k, query_chunk=query_chunk,
                                bank_chunk=bank_chunk)
-    np.testing.assert_allclose(got.numpy(), _sk_kth(bank, Q, k) ** 2, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got.numpy(), _sk_kth(bank, Q, k) ** 2, rtol=F32, atol=1e-12)
 
 
 def test_kth_neighbour_with_ties_and_duplicates():
@@ -242,7 +247,7 @@ def test_rg_against_numpy(relu_model, k, T):
     s = _signals(relu_model, 30, 10)
     f, h = np_(s.logits), np_(s.features)
     ref = T * logsumexp(f / T, axis=1) * np.minimum(h, k).sum(1)
-    np.testing.assert_allclose(gradood.create("rg", k=k, temperature=T).score(s), ref, rtol=1e-12)
+    np.testing.assert_allclose(gradood.create("rg", k=k, temperature=T).score(s), ref, rtol=F32)
 
 
 def test_rg_k_percentile(relu_model):
@@ -253,7 +258,7 @@ def test_rg_k_percentile(relu_model):
     k = np.percentile(np_(fit.features).ravel(), 80)
     assert det.k_ == pytest.approx(k, rel=1e-12)
     f, h = np_(test.logits), np_(test.features)
-    np.testing.assert_allclose(det.score(test), logsumexp(f, axis=1) * np.minimum(h, k).sum(1), rtol=1e-12)
+    np.testing.assert_allclose(det.score(test), logsumexp(f, axis=1) * np.minimum(h, k).sum(1), rtol=F32)
 
 
 @pytest.mark.parametrize("k,m", [(1.0, 0.6), (0.4, 1.2), (float("inf"), 0.3)])
@@ -264,16 +269,16 @@ def test_rg_additive_against_numpy(relu_model, k, m):
     alpha = m * e_fit.std() / v_fit.std()
     assert det.alpha_ == pytest.approx(alpha, rel=1e-10)
     ref = logsumexp(np_(test.logits), axis=1) + alpha * np.minimum(np_(test.features), k).sum(1)
-    np.testing.assert_allclose(det.score(test), ref, rtol=1e-10)
+    np.testing.assert_allclose(det.score(test), ref, rtol=F32)
 
 
 def test_rg_eq5_against_numpy(relu_model):
     s = _signals(relu_model, 20, 15)
     f, h = np_(s.logits), np_(s.features)
     np.testing.assert_allclose(gradood.create("rg-eq5").score(s),
-                               np.log(np.exp(f).sum(1) * np.abs(h).sum(1)), rtol=1e-12)
+                               np.log(np.exp(f).sum(1) * np.abs(h).sum(1)), rtol=F32)
     np.testing.assert_allclose(gradood.create("rg-eq5", include_bias=True).score(s),
-                               np.log(np.exp(f).sum(1) * (np.abs(h).sum(1) + 1)), rtol=1e-12)
+                               np.log(np.exp(f).sum(1) * (np.abs(h).sum(1) + 1)), rtol=F32)
 
 
 # ----------------------------------------------------------------------------------------- U x V family
@@ -311,10 +316,12 @@ def test_output_feature_family_against_numpy(output_term):
         sign = -1.0 if output_term == "exgrad" else 1.0  # the uncertainty-type term is flipped by default
         got = gradood.create("output-feature", output_term=output_term, feature_term=feature_term,
                              temperature=T, k=k).score(s)
-        np.testing.assert_allclose(got, sign * u * v, rtol=1e-10, atol=1e-14, err_msg=f"{output_term} x {feature_term}")
+        # signed features: float32 sums cancel, so the error scales with sum |h|, not with the result
+        atol = F32 * np.abs(u).max() * np.abs(h).sum(1).max()
+        np.testing.assert_allclose(got, sign * u * v, rtol=F32, atol=atol, err_msg=f"{output_term} x {feature_term}")
         forced = gradood.create("output-feature", output_term=output_term, feature_term=feature_term,
                                 temperature=T, k=k, higher_is_id=False).score(s)
-        np.testing.assert_allclose(forced, -u * v, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(forced, -u * v, rtol=F32, atol=atol)
 
 
 def test_named_output_feature_variants(relu_model):
@@ -322,6 +329,6 @@ def test_named_output_feature_variants(relu_model):
     f, h = np_(s.logits), np_(s.features)
     p = softmax(f, axis=1)
     np.testing.assert_allclose(gradood.create("energy-x-l1").score(s), logsumexp(f, axis=1) * np.abs(h).sum(1),
-                               rtol=1e-12)
+                               rtol=F32)
     np.testing.assert_allclose(gradood.create("gradnorm-x-clipped").score(s),
-                               np.abs(p - 1 / C).sum(1) * np.minimum(h, 1.0).sum(1), rtol=1e-10)
+                               np.abs(p - 1 / C).sum(1) * np.minimum(h, 1.0).sum(1), rtol=F32)

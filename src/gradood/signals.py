@@ -388,7 +388,7 @@ class Signals:
             raise InputError(f"the dataset {self.name!r} is empty: there are no samples to score. Check the "
                              "path, filters and split that build it.")
         for k in keys:
-            self._tensors[k] = torch.cat(chunks[k])
+            self._tensors[k] = chunks[k][0] if len(chunks[k]) == 1 else torch.cat(chunks[k])
         if not self._labels_known:
             self._labels = torch.cat(label_chunks) if has_labels and label_chunks else None
             self._labels_known = True

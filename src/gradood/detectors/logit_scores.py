@@ -56,7 +56,7 @@ class Energy(Detector):
 
     def _score(self, signals: Signals) -> torch.Tensor:
         T = self.temperature
-        return T * torch.logsumexp(signals.logits.double() / T, dim=1)
+        return T * torch.logsumexp(signals.logits / T, dim=1)
 
 
 @register("klmatching", )

@@ -33,6 +33,12 @@ class _LogitsFeatures(Detector):
         return bool(getattr(self, "include_bias", False)) and has is not False
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """Scores are computed in the signals' own precision (float32 like autograd would; float64 stays float64);
+    half precision is promoted so that sums over features do not overflow."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _clipped_sum(h: torch.Tensor, k: float) -> torch.Tensor:
     """RG's feature term ``sum_j min(h_j, k)`` (k = inf gives ``sum_j h_j``, i.e. ||h||_1 for post-ReLU h)."""
     return (h if math.isinf(k) else h.clamp(max=k)).sum(dim=1)
@@ -72,7 +78,7 @@ class GradNorm(_LogitsFeatures):
         self.loss = check_choice(loss, "loss", ("kl_uniform", "ones"))
 
     def _score(self, signals: Signals) -> torch.Tensor:
-        f, h = signals.logits.double(), signals.features.double()
+        f, h = _real(signals.logits), _real(signals.features)
         delta = loss_delta(self.loss, f, self.temperature)
         return head_grad_norm(delta, h, self.norm, self._bias(signals))
 
@@ -102,7 +108,7 @@ class ExGrad(_LogitsFeatures):
     def raw(self, signals: Signals) -> torch.Tensor:
         """The expected gradient norm itself (no sign flip)."""
         signals.require(self.requests())
-        f, h = signals.logits.double(), signals.features.double()
+        f, h = _real(signals.logits), _real(signals.features)
         u = expected_logprob_grad_output_term(f, self.temperature, self.norm)
         return u * feature_norm(h, self.norm, self._bias(signals))
 
@@ -149,12 +155,12 @@ class RG(_LogitsFeatures):
 
     def output_term(self, signals: Signals) -> torch.Tensor:
         T = self.temperature
-        return T * torch.logsumexp(signals.logits.double() / T, dim=1)
+        return T * torch.logsumexp(_real(signals.logits) / T, dim=1)
 
     def _score(self, signals: Signals) -> torch.Tensor:
         u = self.output_term(signals)
         _warn_nonpositive(u, "RG's energy term")
-        return u * _clipped_sum(signals.features.double(), self._clip())
+        return u * _clipped_sum(_real(signals.features), self._clip())
 
 
 @register("rg-additive")
@@ -191,8 +197,8 @@ class RGAdditive(_LogitsFeatures):
         self.alpha_ = self.m * self.alpha_s_
 
     def _score(self, signals: Signals) -> torch.Tensor:
-        energy = torch.logsumexp(signals.logits.double(), dim=1)
-        return energy + self.alpha_ * _clipped_sum(signals.features.double(), self.k)
+        energy = torch.logsumexp(_real(signals.logits), dim=1)
+        return energy + self.alpha_ * _clipped_sum(_real(signals.features), self.k)
 
 
 @register("rg-eq5")
@@ -209,7 +215,7 @@ class SumExpGrad(_LogitsFeatures):
         self.include_bias = check_bool(include_bias, "include_bias")
 
     def _score(self, signals: Signals) -> torch.Tensor:
-        f, h = signals.logits.double(), signals.features.double()
+        f, h = _real(signals.logits), _real(signals.features)
         return torch.logsumexp(f, dim=1) + torch.log(feature_norm(h, "l1", self._bias(signals)))
 
 
@@ -279,8 +285,8 @@ class OutputFeature(_LogitsFeatures):
         self.higher_is_id = None if higher_is_id is None else check_bool(higher_is_id, "higher_is_id")
 
     def _score(self, signals: Signals) -> torch.Tensor:
-        u = _output_term(self.output_term, signals.logits.double(), self.temperature)
-        v = _feature_term(self.feature_term, signals.features.double(), self.k)
+        u = _output_term(self.output_term, _real(signals.logits), self.temperature)
+        v = _feature_term(self.feature_term, _real(signals.features), self.k)
         if self.output_term in ("energy", "maxlogit") and self.feature_term != "one":
             _warn_nonpositive(u, f"the output term {self.output_term!r}")
         higher_is_id = self.higher_is_id
