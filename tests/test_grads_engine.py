@@ -301,6 +301,18 @@ def test_float32_close_to_reference(name):
     assert rel_rows(ours, ref.projections(model, x, energy, basis)) < 1e-4
 
 
+def test_cifar_resnet18_architecture():
+    from gradood.models.cifar_resnet import resnet18_cifar
+
+    model = resnet18_cifar(num_classes=10).eval()
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962  # the standard CIFAR ResNet-18
+    x = torch.randn(2, 3, 32, 32)
+    assert model.features(x).shape == (2, 512)
+    assert model(x).shape == (2, 10) and model.fc.in_features == 512
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [2, 2, 2, 2]
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+
+
 def test_cifar_resnet18_exact_in_float64():
     """The real architecture (stride-2 blocks, 1x1 shortcuts, in-place ReLUs): every conv route it takes."""
     from gradood.models.cifar_resnet import resnet18_cifar
