@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -155,9 +154,23 @@ def _timed(f: Callable) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- memory (child)
-def rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (peak RSS) to the current RSS (Linux >= 4.0). ru_maxrss cannot be used: it survives fork and
+    exec, so a child started by this (large) process would report the parent's size."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def memory_child(name: str, method: str, batch: int, threads: int, allocator: bool) -> None:
@@ -175,10 +188,10 @@ def memory_child(name: str, method: str, batch: int, threads: int, allocator: bo
     }
     with torch.no_grad():
         model(x[:2])  # lazy initialisations (kernels, allocator arenas) before the baseline
-    base = rss_mb()
+    reset = reset_peak_rss()
+    base = _status_mb("VmRSS")
     fs[method]()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"baseline_mb": base, "peak_mb": peak}))
+    print(json.dumps({"baseline_mb": base, "peak_mb": _status_mb("VmHWM"), "reset": reset}))
 
 
 def run_child(args: list[str]) -> dict:
@@ -239,9 +252,12 @@ def print_model(name: str, r: dict) -> list[tuple[str, bool, str]]:
     checks = []
     if name in ("mlp", "cnn"):
         checks.append((f"{name}: norms <= 1.05 x train step", norms / train <= 1.05, f"{norms / train:.2f}x"))
-        checks.append((f"{name}: norms >= 5x faster than the loop", loop / norms >= 5, f"{loop / norms:.1f}x"))
+        checks.append((f"{name}: norms >= 5x faster than the loop", loop / norms >= 5,
+                       f"{loop / norms:.1f}x (the loop is {loop / train:.1f}x the train step here, so 5x needs "
+                       f"norms <= {loop / 5 / train:.2f}x the train step)"))
     if name in ("cnn", "resnet18"):
-        checks.append((f"{name}: K={K} projections <= 1.5 x train step", proj / train <= 1.5, f"{proj / train:.2f}x"))
+        checks.append((f"{name}: K={K} projections <= 1.5 x train step", proj / train <= 1.5,
+                       f"{proj / train:.2f}x (floor {floor / train:.2f}x train; projections {proj / floor:.2f}x floor)"))
     if name == "mlp":
         checks.append((f"mlp: K={K} projections (floor {floor / train:.1f}x train) within 1.3 x floor",
                        proj / floor <= 1.3, f"{proj / floor:.2f}x floor = {proj / train:.1f}x train"))
@@ -249,7 +265,8 @@ def print_model(name: str, r: dict) -> list[tuple[str, bool, str]]:
 
 
 def memory_table(threads: int) -> None:
-    print("\n== peak memory (fresh process per cell; MB above the baseline after building model, data and basis)")
+    print("\n== peak memory: VmHWM - VmRSS around one call, fresh process per cell (MB above the baseline after")
+    print("   building model, data and basis; the K=64 basis itself is not counted: 11.2 M x 64 x 4 B = 2.9 GB on resnet18)")
     batches = (32, BATCH)
     print(f"   {'model':<10}{'method':<8}" + "".join(f"{'B=' + str(b):>12}" for b in batches) + "   growth 32->128")
     for name in MODELS:
@@ -267,14 +284,19 @@ def memory_table(threads: int) -> None:
           ", ".join(f"{n} {BATCH * P[n] * 4 / 2**20:.0f} MB" for n in MODELS) + ")")
 
 
-def allocator_table(threads: int, rounds: int) -> None:
-    print("\n== allocator (tune_allocator: mallopt M_MMAP_MAX=0 + high trim threshold), fresh process each")
+def allocator_table(threads: int) -> None:
+    print("\n== allocator (tune_allocator: mallopt M_MMAP_MAX=0 + high trim threshold), fresh processes, alternating;")
+    print("   best of the processes' medians (2 + 2 processes x 8 rounds; resnet18 1 + 1 x 2 rounds)")
     print(f"   {'model':<10}{'method':<20}{'default':>12}{'tuned':>12}{'saving':>9}")
     for name in MODELS:
-        a = run_child(["--timing-child", name, str(threads), "0", str(rounds)])
-        b = run_child(["--timing-child", name, str(threads), "1", str(rounds)])
+        procs, rounds = (1, 2) if name == "resnet18" else (2, 8)
+        runs: dict[str, list[dict]] = {"0": [], "1": []}
+        for _ in range(procs):
+            for alloc in ("0", "1"):
+                runs[alloc].append(run_child(["--timing-child", name, str(threads), alloc, str(rounds)]))
         for k in ("train step", "gradood norms", f"gradood K={K} proj"):
-            print(f"   {name:<10}{k:<20}{fmt_s(a[k]):>12}{fmt_s(b[k]):>12}{(1 - b[k] / a[k]) * 100:>8.0f}%")
+            a, b = min(r[k] for r in runs["0"]), min(r[k] for r in runs["1"])
+            print(f"   {name:<10}{k:<20}{fmt_s(a):>12}{fmt_s(b):>12}{(1 - b / a) * 100:>8.0f}%")
 
 
 def main() -> None:
@@ -304,7 +326,7 @@ def main() -> None:
         r = bench_model(name, rounds, loop_n=16 if name == "resnet18" else 32)
         checks += print_model(name, r)
     if not args.quick:
-        allocator_table(args.threads, max(2, rounds - 2))
+        allocator_table(args.threads)
         memory_table(args.threads)
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
     print("\n== targets")
