@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +12,27 @@ from ..errors import ConfigError, InputError
 from ..signals import Request, Signals
 
 COMBINE_MODES = ("mean-z", "lr")
+
+
+def split_halves(signals: Signals, share: float, seed: int) -> tuple[Signals, Signals]:
+    """A seeded split of validation signals into a part that fits and a part that selects."""
+    n = len(signals)
+    if n < 4:
+        raise InputError(f"the validation split {signals.name!r} has {n} samples; tuning needs at least 4.")
+    perm = np.random.default_rng(seed).permutation(n)
+    cut = min(max(1, int(round(share * n))), n - 1)
+    return signals.subset(perm[:cut], name=f"{signals.name}[a]"), signals.subset(perm[cut:], name=f"{signals.name}[b]")
+
+
+def select_on_halves(candidates: Sequence[float], id_val: Signals, ood_val: Signals | None, *, share: float,
+                     seed: int, auroc_of: Callable[..., float]) -> float:
+    """The candidate whose ``auroc_of(candidate, id_a, id_b, ood_a, ood_b)`` is highest: fit on the "a" halves,
+    select on the "b" halves (the official FSSD/Mahalanobis protocol; ``ood_*`` are None without OOD data).
+    Callers compute their whole grid on the full splits first, so the halves only index cached signals."""
+    id_a, id_b = split_halves(id_val, share, seed)
+    ood_a, ood_b = split_halves(ood_val, share, seed + 1) if ood_val is not None else (None, None)
+    scores = [auroc_of(c, id_a, id_b, ood_a, ood_b) for c in candidates]
+    return candidates[int(np.argmax(scores))]
 
 
 def check_combine(combine: str) -> str:

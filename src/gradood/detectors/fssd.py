@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..signals import ProbeBatch, Request, Signals, tensor_digest
-from ._ensemble import LayerCombiner, check_combine
+from ._ensemble import LayerCombiner, check_combine, select_on_halves
 from ._perturb import check_eps, check_grid, input_grad, step
 from .base import Detector, check_choice, register, register_variant
 
@@ -163,24 +163,22 @@ class FSSD(Detector):
         return SingularityDistances(self.layers_, self.centers_, eps, self.perturb_mode)
 
     def _select_eps(self, id_val: Signals, ood_val: Signals) -> float:
-        """Fit the combiner on one part of the validation split per eps, keep the eps with the best AUROC on
-        the other part (the official code's val_for_train / val_for_test protocol)."""
+        """Fit the combiner on one half of the validation splits per eps, keep the eps with the best AUROC on
+        the other half (the official code's val_for_train / val_for_test protocol)."""
         from ..metrics import auroc
 
         grid = [self._request(eps) for eps in self.epsilons]
         id_val.require(grid)  # one pass per split for the whole grid; the halves index the results
         ood_val.require(grid)
-        id_a, id_b = _split(id_val, self.val_split, self.seed)
-        ood_a, ood_b = _split(ood_val, self.val_split, self.seed + 1)
-        best, best_auc = self.epsilons[0], -1.0
-        for eps in self.epsilons:
+
+        def auroc_of(eps: float, id_a: Signals, id_b: Signals, ood_a: Signals, ood_b: Signals) -> float:
             r = self._request(eps)
-            comb = LayerCombiner(self.combine, self.layers_, seed=self.seed)
-            comb.fit(r, fit=id_a, id_val=id_a, ood_val=ood_a)
-            a = auroc(comb.transform(id_b.get(r)).numpy(), comb.transform(ood_b.get(r)).numpy())
-            if a > best_auc:
-                best, best_auc = eps, a
-        return best
+            comb = LayerCombiner(self.combine, self.layers_, seed=self.seed).fit(r, fit=id_a, id_val=id_a,
+                                                                                 ood_val=ood_a)
+            return auroc(comb.transform(id_b.get(r)).numpy(), comb.transform(ood_b.get(r)).numpy())
+
+        return select_on_halves(self.epsilons, id_val, ood_val, share=self.val_split, seed=self.seed,
+                                auroc_of=auroc_of)
 
     # ------------------------------------------------------------------ scoring
     def requests(self) -> list[Request]:
@@ -198,11 +196,3 @@ class FSSD(Detector):
 register_variant("fssd-lr", FSSD, combine="lr")
 register_variant("fssd-lr-eps", FSSD, combine="lr", tune_eps=True)
 
-
-def _split(signals: Signals, share: float, seed: int) -> tuple[Signals, Signals]:
-    n = len(signals)
-    if n < 4:
-        raise InputError(f"the validation split {signals.name!r} has {n} samples; tuning needs at least 4.")
-    perm = np.random.default_rng(seed).permutation(n)
-    cut = min(max(1, int(round(share * n))), n - 1)
-    return signals.subset(perm[:cut], name=f"{signals.name}[a]"), signals.subset(perm[cut:], name=f"{signals.name}[b]")

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..signals import FEATURES, ProbeBatch, Request, Signals, Tap, tensor_digest
-from ._ensemble import LayerCombiner, check_combine
+from ._ensemble import LayerCombiner, check_combine, select_on_halves
 from ._perturb import check_eps, check_grid, input_grad, pred_ce, step
 from .base import Detector, check_choice, register, register_variant
 
@@ -230,27 +230,23 @@ class MahalanobisEnsemble(Detector):
 
     def _select_eps(self, id_val: Signals, ood_val: Signals | None) -> float:
         from ..metrics import auroc
-        from .fssd import _split
 
         grid = [self._request(eps) for eps in self.epsilons]
         if self.negatives == "fgsm":
             grid += [self._request(eps, self.fgsm_step) for eps in self.epsilons]
         id_val.require(grid)  # one pass for the whole grid; the halves index the results
         if self.negatives == "ood":
-            ood_val.require(grid)
-        id_a, id_b = _split(id_val, self.val_split, self.seed)
-        if self.negatives == "ood":
             assert ood_val is not None
-            ood_a, ood_b = _split(ood_val, self.val_split, self.seed + 1)
-        best, best_auc = self.epsilons[0], -1.0
-        for eps in self.epsilons:
+            ood_val.require(grid)
+
+        def auroc_of(eps: float, id_a: Signals, id_b: Signals, ood_a: Signals | None, ood_b: Signals | None) -> float:
             r = self._request(eps)
-            comb = self._fit_combiner(eps, id_a, id_a, ood_a if self.negatives == "ood" else None)
-            neg = ood_b.get(r) if self.negatives == "ood" else id_b.get(self._request(eps, self.fgsm_step))
-            a = auroc(comb.transform(id_b.get(r)).numpy(), comb.transform(neg).numpy())
-            if a > best_auc:
-                best, best_auc = eps, a
-        return best
+            comb = self._fit_combiner(eps, id_a, id_a, ood_a)
+            neg = ood_b.get(r) if ood_b is not None else id_b.get(self._request(eps, self.fgsm_step))
+            return auroc(comb.transform(id_b.get(r)).numpy(), comb.transform(neg).numpy())
+
+        return select_on_halves(self.epsilons, id_val, ood_val if self.negatives == "ood" else None,
+                                share=self.val_split, seed=self.seed, auroc_of=auroc_of)
 
     def requests(self) -> list[Request]:
         return [self._request(self.eps_)]
