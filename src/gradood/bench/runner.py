@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -273,7 +274,11 @@ def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only
                     errors.append(f"{run.model} / {ref.display}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
                     continue
                 store.save(key, ref.key(), rows, scores)
-                log(f"  {ref.display}: {rows[0]['seconds']:.1f} s" if rows else f"  {ref.display}: no rows")
+                line = f"  {ref.display}: {rows[0]['seconds']:.1f} s" if rows else f"  {ref.display}: no rows"
+                if progress:
+                    bar.write(line, file=sys.stderr)  # above the live bar instead of through it
+                else:
+                    log(line)
                 done = (rows, scores)
             rows, scores = done
             for r in rows:
