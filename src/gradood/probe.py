@@ -36,6 +36,14 @@ class ForwardOutput:
     x: torch.Tensor | None = None  # the validated input batch, on the model's device
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """True iff every value is finite. The sum is finite iff all values are, unless finite values overflow it;
+    only then (or on a real NaN/Inf) is the exact element-wise test run, so the happy path costs one sum."""
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _is_head_candidate(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear)
 
@@ -159,30 +167,29 @@ class Probe:
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
-        """Run the model in eval mode and restore every module's previous flag afterwards."""
-        flags = {m: m.training for m in self.model.modules()}
+        """Run the model in eval mode and restore the flags of the modules that were training afterwards
+        (nothing to do, and nothing touched, when the model is already in eval mode: the common case)."""
+        training = [m for m in self._modules.values() if m.training]
+        if not training:
+            yield
+            return
         self.model.eval()
         try:
             yield
         finally:
-            for m, f in flags.items():
-                m.training = f
+            for m in training:
+                m.training = True
 
-    def prepare(self, x: torch.Tensor, *, batch_index: int | None = None) -> torch.Tensor:
-        """Validate a batch of inputs and move it to the model's device and dtype."""
+    def prepare(self, x: torch.Tensor, *, batch_index: int | None = None, check_finite: bool = True) -> torch.Tensor:
+        """Validate a batch of inputs and move it to the model's device and dtype (``check_finite=False``
+        leaves the NaN/Inf test to the caller, e.g. :meth:`forward`, which folds it into its logits check)."""
         where = "" if batch_index is None else f" in batch {batch_index}"
         if not isinstance(x, torch.Tensor):
             raise InputError(f"inputs{where} must be a tensor, got {type(x).__name__}.")
         if x.ndim == 0 or x.shape[0] == 0:
             raise InputError(f"empty batch{where} (shape {tuple(x.shape)}): the dataset yields no samples.")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):  # one reduction on the happy path
-            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-            if bool(bad.any()):
-                idx = bad.nonzero().flatten()[:5].tolist()
-                raise InputError(
-                    f"inputs{where} contain NaN or Inf (samples {idx} of the batch). Clean or drop those "
-                    "samples before scoring (e.g. torch.nan_to_num, or check the loading/normalisation code)."
-                )
+        if check_finite and x.is_floating_point() and not _all_finite(x):
+            self._raise_nonfinite_inputs(x, where)
         shape = tuple(x.shape[1:])
         if self._input_shape is not None and shape != self._input_shape:
             raise InputError(
@@ -194,6 +201,15 @@ class Probe:
         if x.is_floating_point() and x.dtype != self.dtype:
             x = x.to(self.dtype)
         return x
+
+    @staticmethod
+    def _raise_nonfinite_inputs(x: torch.Tensor, where: str) -> None:
+        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        idx = bad.nonzero().flatten()[:5].tolist()
+        raise InputError(
+            f"inputs{where} contain NaN or Inf (samples {idx} of the batch). Clean or drop those "
+            "samples before scoring (e.g. torch.nan_to_num, or check the loading/normalisation code)."
+        )
 
     def _run_model(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -213,7 +229,7 @@ class Probe:
         With ``grad=False`` (default) runs under ``torch.no_grad``; with ``grad=True`` the outputs stay in the
         autograd graph (for input gradients and per-sample parameter gradients).
         """
-        x = self.prepare(x, batch_index=batch_index) if validate else x
+        x = self.prepare(x, batch_index=batch_index, check_finite=False) if validate else x
         if self.head_name is None:
             self._find_head(x)
         captured: dict[str, Any] = {}
@@ -255,7 +271,11 @@ class Probe:
                 "feature vector per sample (B x D). Name a head that follows pooling/flattening."
             )
         if validate:
-            self._check_logits(logits, out, batch_index)
+            # One synchronising test for inputs and logits together; the exact checks only when it fails.
+            finite = bool(torch.isfinite(logits.detach().sum() + (x.sum() if x.is_floating_point() else 0.0)))
+            if not finite and x.is_floating_point() and not _all_finite(x):
+                self._raise_nonfinite_inputs(x, "" if batch_index is None else f" in batch {batch_index}")
+            self._check_logits(logits, out, batch_index, known_finite=finite)
             if self._input_shape is None:
                 self._input_shape = tuple(x.shape[1:])
                 self._example = x[:1].detach().clone()
@@ -269,9 +289,10 @@ class Probe:
                 raise ModelError(f"layer {t!r} was not reached in the forward pass.")
         return ForwardOutput(logits=logits, features=feats, taps=taps_out, x=x)
 
-    def _check_logits(self, logits: torch.Tensor, out: Any, batch_index: int | None) -> None:
+    def _check_logits(self, logits: torch.Tensor, out: Any, batch_index: int | None,
+                      known_finite: bool = False) -> None:
         where = "" if batch_index is None else f" in batch {batch_index}"
-        if bool(torch.isfinite(logits.detach()).all()):
+        if known_finite or _all_finite(logits.detach()):
             bad = None
         else:
             bad = ~torch.isfinite(logits.detach()).all(dim=1)

@@ -44,28 +44,38 @@ LITE0_STAGES = (
 )
 
 
+def _pad_same(conv: nn.Conv2d, args: tuple) -> tuple:
+    """Forward pre-hook: pad the input for TensorFlow "SAME" output size (the extra pixel, when the total is
+    odd, goes bottom/right)."""
+    x = args[0]
+    ih, iw = x.shape[-2:]
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+    pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+    if pad_h or pad_w:
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+    return (x, *args[1:])
+
+
 class SameConv2d(nn.Conv2d):
     """``nn.Conv2d`` with TensorFlow "SAME" padding computed from the input size (pads more at the bottom/right
-    when the total is odd), so stride-2 layers see the same pixels as in TensorFlow."""
+    when the total is odd), so stride-2 layers see the same pixels as in TensorFlow.
+
+    The padding is a forward pre-hook, not an overridden ``forward``: the layer runs ``nn.Conv2d``'s own
+    forward on the padded input, so gradood's gradient engine uses its exact per-sample conv rule for it
+    (a custom ``forward`` would send every conv of the network to the slower torch.func fallback).
+    """
 
     def __init__(self, *args, same_padding: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.same_padding = same_padding
-        if not same_padding:
+        if same_padding:
+            self.padding = (0, 0)
+            self.register_forward_pre_hook(_pad_same)
+        else:
             k = self.kernel_size[0]
             self.padding = (k // 2, k // 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.same_padding:
-            return super().forward(x)
-        ih, iw = x.shape[-2:]
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
-        pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if pad_h or pad_w:
-            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 def _bn(ch: int) -> nn.BatchNorm2d:
