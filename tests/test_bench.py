@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import gradood
 from gradood.bench.spec import load_spec, parse_spec
@@ -137,9 +138,8 @@ def test_end_to_end_writes_tables_and_report(finished_run):
     assert not list(out.rglob("*.tmp")), "atomic writes leave no temporary files"
 
 
-def test_rerun_reuses_cached_signals_and_results(finished_run, monkeypatch):
-    spec, out = finished_run
-    before = (out / "results.json").read_text()
+def count_forward_passes(monkeypatch) -> dict:
+    """Counts the model's forward passes through gradood (``calls["n"]``) from now on."""
     calls = {"n": 0}
     original = gradood.Probe.forward
 
@@ -148,9 +148,50 @@ def test_rerun_reuses_cached_signals_and_results(finished_run, monkeypatch):
         return original(self, *a, **k)
 
     monkeypatch.setattr(gradood.Probe, "forward", counting)
+    return calls
+
+
+def test_rerun_reuses_cached_signals_and_results(finished_run, monkeypatch):
+    spec, out = finished_run
+    before = (out / "results.json").read_text()
+    calls = count_forward_passes(monkeypatch)
     assert run_cli("bench", str(spec), "--out", str(out), "--quiet", "--no-report") == 0
     assert calls["n"] == 0, "a finished benchmark must not run the model again"
     assert json.loads((out / "results.json").read_text()) == json.loads(before)
+
+
+@pytest.mark.parametrize("changed", ["code", "weights"])
+def test_changed_code_or_weights_never_reuse_cached_signals_or_results(finished_run, tmp_path, monkeypatch,
+                                                                       changed):
+    import shutil
+
+    from gradood.bench import runner
+
+    spec, out = finished_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    if changed == "code":
+        real = runner.source_fingerprint
+        monkeypatch.setattr(runner, "source_fingerprint", lambda *parts: "edited-" + real(*parts))
+    else:
+        monkeypatch.setattr(runner, "model_fingerprint", lambda model: "retrained")
+    calls = count_forward_passes(monkeypatch)
+    assert run_cli("bench", str(spec), "--out", str(copy), "--quiet", "--no-report", "--detectors", "msp") == 0
+    assert calls["n"] > 0, f"changed {changed}: the cached signals of the old {changed} must not be reused"
+    assert len(list((copy / "runs").iterdir())) == 2, "the old results stay, in their own folder"
+
+
+def test_model_fingerprint_follows_the_weights():
+    import copy
+
+    from gradood.bench.runner import model_fingerprint
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    twin = copy.deepcopy(model)
+    assert model_fingerprint(model) == model_fingerprint(twin)
+    with torch.no_grad():
+        twin[2].weight[0, 0] += 1e-6
+    assert model_fingerprint(model) != model_fingerprint(twin)
 
 
 def test_hard_kill_mid_extraction_then_rerun_gives_the_same_table(finished_run, tmp_path):

@@ -10,6 +10,8 @@ finishes, so an interrupted run resumes at the first unfinished detector and giv
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import io
 import json
 import sys
@@ -39,6 +41,7 @@ class ModelInfo:
     input_shape: tuple[int, ...]
     head: str | None
     num_classes: int | None
+    fingerprint: str = ""  # of the weights: cached signals and results are only reused for the same weights
 
 
 def load_model(name: str) -> ModelInfo:
@@ -47,7 +50,37 @@ def load_model(name: str) -> ModelInfo:
     model, meta = models.load(name)
     get = (lambda k, d=None: meta.get(k, d)) if isinstance(meta, dict) else (lambda k, d=None: getattr(meta, k, d))
     return ModelInfo(model=model.eval(), mean=tuple(get("mean")), std=tuple(get("std")),
-                     input_shape=tuple(get("input_shape")), head=get("head"), num_classes=get("num_classes"))
+                     input_shape=tuple(get("input_shape")), head=get("head"), num_classes=get("num_classes"),
+                     fingerprint=model_fingerprint(model))
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (12 hex digits) of a model's state_dict: names, dtypes, shapes and values."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:12]
+
+
+#: The modules whose code decides what the cached signals contain (reading data, models, the forward pass).
+SIGNAL_SOURCES = ("probe.py", "signals.py", "_batches.py", "data", "models")
+
+
+@functools.lru_cache(maxsize=None)
+def source_fingerprint(*parts: str) -> str:
+    """sha256 (12 hex digits) of gradood's source files under ``parts`` (paths relative to the package; the
+    whole package when empty), so that a changed gradood never reuses results the old code computed."""
+    root = Path(__file__).resolve().parent.parent
+    files = []
+    for part in parts or ("",):
+        p = root / part
+        files += [p] if p.is_file() else sorted(p.rglob("*.py"))
+    h = hashlib.sha256()
+    for f in sorted(set(files)):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def load_data(ref: DataRef, info: ModelInfo, seed: int, where: str):
@@ -126,13 +159,18 @@ class Prepared:
     accuracy: float | None
 
 
-def run_key(spec: BenchSpec, run: RunSpec) -> str:
+def run_key(spec: BenchSpec, run: RunSpec, model_fp: str = "") -> str:
+    """Names a run's results folder: the run's data, the model's weights and gradood's code (any change to
+    one of them starts a fresh folder instead of mixing old and new results)."""
     ids = "|".join([run.model, run.id_fit.key(spec.seed), run.id_test.key(spec.seed),
-                    run.id_val.key(spec.seed) if run.id_val else "-", str(spec.ood_val)]
-                   + [o.key(spec.seed) for o in run.oods])
-    import hashlib
-
+                    run.id_val.key(spec.seed) if run.id_val else "-", str(spec.ood_val), model_fp,
+                    source_fingerprint()] + [o.key(spec.seed) for o in run.oods])
     return f"{run.model}__{run.id_test.dataset}__{hashlib.sha256(ids.encode()).hexdigest()[:10]}"
+
+
+def signals_folder(cache: Path, model: str, model_fp: str) -> Path:
+    """Where a model's cached signals live: per weights and per version of the code that computes them."""
+    return cache / model / hashlib.sha256(f"{model_fp}|{source_fingerprint(*SIGNAL_SOURCES)}".encode()).hexdigest()[:10]
 
 
 def prepare(spec: BenchSpec, run: RunSpec, cache: Path, progress: bool) -> Prepared:
@@ -145,7 +183,7 @@ def prepare(spec: BenchSpec, run: RunSpec, cache: Path, progress: bool) -> Prepa
         if idx is not None:
             ds = ds.subset(idx)
         x, y = ds.tensors(mean=info.mean, std=info.std)
-        folder = cache / run.model / f"{ref.key(spec.seed)}{part}"
+        folder = signals_folder(cache, run.model, info.fingerprint) / f"{ref.key(spec.seed)}{part}"
         return Signals(source=_source(x, y, spec.batch_size), probe=probe, name=name, cache_dir=folder,
                        progress=progress, checkpoint_every=spec.checkpoint_every)
 
@@ -254,9 +292,9 @@ def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only
         refs = [r for r in run.detectors if only is None or r.display in only or r.name in only]
         if only is not None and not refs:
             continue
-        key = run_key(spec, run)
         t0 = time.perf_counter()
         p = prepare(spec, run, cache, progress)
+        key = run_key(spec, run, p.info.fingerprint)
         log(f"[{run.model}] ID {run.id_test.label}: accuracy "
             f"{'n/a' if p.accuracy is None else f'{100 * p.accuracy:.2f}%'}, fit {len(p.fit)}, test {len(p.test)}, "
             f"OOD {', '.join(f'{k} {len(v)}' for k, v in p.ood_test.items())} ({time.perf_counter() - t0:.1f} s)")
