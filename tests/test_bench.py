@@ -238,6 +238,18 @@ def test_detector_filter_runs_only_those(tmp_path, finished_run):
     assert {r["detector"] for r in rows} == {"msp"}
 
 
+def test_each_spec_writes_its_own_results_folder_by_default(tmp_path, monkeypatch):
+    from gradood.bench.runner import default_out
+
+    spec = tiny_spec(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("bench", str(spec), "--quiet", "--no-report", "--detectors", "msp") == 0
+    assert (tmp_path / "gradood-results-tiny" / "results.json").exists()
+    assert not (tmp_path / "gradood-results").exists(), "another spec must not overwrite the default's tables"
+    assert default_out(load_spec(None)) == Path("gradood-results")
+    assert default_out(parse_spec(TINY.format(n_test=10).replace('"tiny"', '"../a b"'))) == Path("gradood-results-_a_b")
+
+
 def test_cli_list_shows_detectors_datasets_models(capsys):
     assert run_cli("list") == 0
     out = capsys.readouterr().out

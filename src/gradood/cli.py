@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark spec (default: the built-in real benchmark)")
     b.add_argument("spec", nargs="?", default=None, help="TOML benchmark spec (default: built-in)")
-    b.add_argument("--out", default="gradood-results", help="results folder (default: ./gradood-results)")
+    b.add_argument("--out", default=None, help="results folder (default: ./gradood-results for the default spec, "
+                   "./gradood-results-<spec name> for any other, so that one spec's tables never overwrite another's)")
     b.add_argument("--cache", default=None, help="signal cache folder (default: <out>/cache)")
     b.add_argument("--detectors", default=None, help="comma-separated subset of detectors")
     b.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -371,6 +371,14 @@ def print_tables(rows: list[dict], console=None) -> None:
         console.print(t)
 
 
+def default_out(spec: BenchSpec) -> Path:
+    """``./gradood-results`` for the default spec, ``./gradood-results-<name>`` for any other."""
+    if spec.name == "default":
+        return Path("gradood-results")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name).strip(".") or "spec"
+    return Path(f"gradood-results-{safe}")
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -381,7 +389,7 @@ def main(args: argparse.Namespace) -> int:
     tune_allocator()
 
     spec = load_spec(args.spec)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(spec)
     cache = Path(args.cache) if args.cache else None
     only = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
     console = Console(stderr=True)
