@@ -133,6 +133,30 @@ class Conv3dModel(nn.Module):
         return self.head(torch.tanh(self.bn(self.c(x))).mean((2, 3, 4)))
 
 
+class MobileNetLike(nn.Module):
+    """Depthwise convs (channel multiplier 2 with bias, stride 2, kernel 5) and EfficientNet-Lite0's own
+    TensorFlow-"SAME" conv (padding in a forward pre-hook, asymmetric at stride 2), ReLU6, 1x1 convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from gradood.models.efficientnet_lite import SameConv2d
+
+        self.stem = SameConv2d(3, 8, 3, stride=2, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.dw1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=8)
+        self.dw2 = nn.Conv2d(16, 16, 5, padding=2, groups=16, bias=False)
+        self.dw3 = SameConv2d(16, 16, 3, stride=2, groups=16, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 12, 1)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.bn0(self.stem(x)))
+        x = F.relu6(self.dw2(F.relu6(self.dw1(x))))
+        x = F.relu6(self.pw(F.relu6(self.bn1(self.dw3(x)))))
+        return self.head(x.mean((2, 3)))
+
+
 def make(name: str, B: int, dtype: torch.dtype = DT, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -144,6 +168,8 @@ def make(name: str, B: int, dtype: torch.dtype = DT, seed: int = 0) -> tuple[nn.
         model, x = SeqModel(), torch.randint(0, 11, (B, 5), generator=g)
         x[0, :2] = 0  # padding positions
         x[-1, 3] = x[-1, 1]  # a row looked up twice by one sample
+    elif name == "mobile":
+        model, x = MobileNetLike(), torch.randn(B, 3, 15, 15, generator=g)
     elif name == "conv3d":
         model, x = Conv3dModel(), torch.randn(B, 2, 3, 4, 3, generator=g)
     else:
@@ -186,7 +212,7 @@ def route(request, monkeypatch):
     return request.param
 
 
-MODELS = ["mlp", "cnn", "seq", "conv3d"]
+MODELS = ["mlp", "cnn", "seq", "conv3d", "mobile"]
 
 
 # ---------------------------------------------------------------------------------------------- exactness

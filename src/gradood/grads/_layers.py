@@ -385,8 +385,14 @@ class ConvGrads(LayerGrads):
     # -- materialising: the weight-gradient kernel with samples as groups (many positions), or unfolded
     #    patches x output gradients per block of output channels (few positions: the patches are then
     #    smaller than the per-sample gradient, and blocks keep the big per-sample gradient off memory)
+    def _depthwise(self) -> bool:
+        """Each output channel reads one input channel (``groups == in_channels > 1``, MobileNet/EfficientNet).
+        The weight-gradient kernel with samples folded into groups is then the depthwise kernel, which runs
+        about as fast as the backward pass's own; tiling would loop over hundreds of one-channel groups."""
+        return self.Ig == 1 and self.G > 1
+
     def _tiled(self, attr: str) -> bool:
-        if attr != "weight" or len(self.calls) > 1:
+        if attr != "weight" or len(self.calls) > 1 or self._depthwise():
             return False
         if FORCE_ROUTE is not None:
             return FORCE_ROUTE == "factored"
@@ -452,6 +458,8 @@ class ConvGrads(LayerGrads):
     def _sqnorm(self, attr: str) -> torch.Tensor:
         if attr == "bias":
             return row_sqnorms(self.gsum)
+        if self._depthwise():  # the grouped kernel IS the depthwise kernel here: as fast as the backward's own
+            return super()._sqnorm(attr)
         Ls = self._positions()
         Igkk, Og, G = self.Ig * self.kk, self.O // self.G, self.G
         # the weight-gradient kernel run with samples as groups reaches about 2/3 of dense-GEMM speed
