@@ -105,6 +105,22 @@ def make_inputs(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32, 
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
+def probe_signals(model: nn.Module, x, y=None, batch_size: int = 8, **probe_kw):
+    """Lazy signals of ``x`` (with labels ``y``) through a fresh probe of ``model``, without progress bars."""
+    import gradood
+
+    probe = gradood.Probe(model, **probe_kw)
+    return probe.signals(x if y is None else (x, y), batch_size=batch_size, progress=False)
+
+
+def std_tensor(std, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel input std broadcastable to ``x`` (channel dimension 1); 1 when ``std`` is None."""
+    if std is None:
+        return torch.ones((), dtype=x.dtype)
+    s = torch.as_tensor(std, dtype=x.dtype).flatten()
+    return s.reshape(()) if s.numel() == 1 else s.reshape(1, -1, *([1] * (x.ndim - 2)))
+
+
 def make_labels(n: int, n_classes: int, seed: int = 0) -> torch.Tensor:
     """Seeded labels covering every class at least once (needs ``n >= n_classes``)."""
     g = torch.Generator().manual_seed(seed)

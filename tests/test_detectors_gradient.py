@@ -20,6 +20,8 @@ from sklearn.preprocessing import normalize
 
 import gradood
 from conftest import BNCNN, MLP, make_inputs, make_labels, seeded
+from conftest import probe_signals as _sig
+from conftest import std_tensor as _std_tensor
 from gradood.detectors.base import detector_class
 
 F64 = torch.float64
@@ -27,18 +29,6 @@ CNN_STD = (0.5, 0.25)  # per-channel input std given to the probe: the perturbat
 
 
 # ============================================================================================ references
-def _sig(model, x, y=None, batch_size=8, **probe_kw):
-    probe = gradood.Probe(model, **probe_kw)
-    return probe.signals(x if y is None else (x, y), batch_size=batch_size, progress=False)
-
-
-def _std_tensor(std, x):
-    if std is None:
-        return torch.ones((), dtype=x.dtype)
-    s = torch.as_tensor(std, dtype=x.dtype).flatten()
-    return s.reshape(()) if s.numel() == 1 else s.reshape(1, -1, *([1] * (x.ndim - 2)))
-
-
 def ref_odin_input(model, x, T, eps, std=None):
     """ODIN's perturbed input ``x - eps * sign(grad_x CE(f(x)/T, argmax f(x))) / std``, one sample at a time."""
     if eps == 0:

@@ -17,21 +17,11 @@ from sklearn.metrics import roc_auc_score
 
 import gradood
 from conftest import BNCNN, MLP, make_inputs, make_labels, seeded
+from conftest import probe_signals as _sig
+from conftest import std_tensor as _std_tensor
 
 F64 = torch.float64
 CNN_STD, CNN_MEAN = (0.5, 0.25), (0.1, -0.2)
-
-
-def _sig(model, x, y=None, batch_size=8, **probe_kw):
-    probe = gradood.Probe(model, **probe_kw)
-    return probe.signals(x if y is None else (x, y), batch_size=batch_size, progress=False)
-
-
-def _std_tensor(std, x):
-    if std is None:
-        return torch.ones((), dtype=x.dtype)
-    s = torch.as_tensor(std, dtype=x.dtype).flatten()
-    return s.reshape(()) if s.numel() == 1 else s.reshape(1, -1, *([1] * (x.ndim - 2)))
 
 
 def per_sample_input_grad(x, loss_of):

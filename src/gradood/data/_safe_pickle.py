@@ -118,8 +118,8 @@ def safe_loads(data: bytes | BinaryIO, *, encoding: str = "latin1", source: str 
     return obj
 
 
-def safe_load_file(path: str | Path, *, encoding: str = "latin1") -> Any:
-    """Unpickle a file (gzip-compressed or not, detected from its magic bytes) with :func:`safe_loads`."""
+def read_maybe_gzipped(path: str | Path) -> bytes:
+    """A file's bytes, gunzipped when it starts with gzip's magic bytes; a clear error when it is corrupt."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -130,4 +130,9 @@ def safe_load_file(path: str | Path, *, encoding: str = "latin1") -> Any:
             f"{path} could not be decompressed ({type(e).__name__}: {e}); it is corrupt or truncated. "
             "Delete it and fetch it again."
         ) from e
-    return safe_loads(raw, encoding=encoding, source=str(path))
+    return raw
+
+
+def safe_load_file(path: str | Path, *, encoding: str = "latin1") -> Any:
+    """Unpickle a file (gzip-compressed or not, detected from its magic bytes) with :func:`safe_loads`."""
+    return safe_loads(read_maybe_gzipped(path), encoding=encoding, source=str(path))

@@ -7,12 +7,10 @@ Each loader returns an :class:`~gradood.data.arrays.ArrayDataset`. Sources are t
 
 from __future__ import annotations
 
-import gzip
 import io
 import re
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ._cache import cached_arrays
-from ._safe_pickle import safe_load_file
+from ._safe_pickle import read_maybe_gzipped, safe_load_file
 from .arrays import UNLABELLED, ArrayDataset
 from .sources import DebMember, Resource, SystemFile, Url, WheelMember, fetch, wheel_resource
 
@@ -119,12 +117,7 @@ def fashion_mnist_resource(filename: str) -> Resource:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (the MNIST/Fashion-MNIST format), gzip-compressed or not, as a uint8 array."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"{path} is corrupt or truncated ({e}); delete it and fetch it again.") from e
+    raw = read_maybe_gzipped(path)
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise InputError(f"{path} is not a uint8 IDX file.")
     ndim = raw[3]

@@ -289,6 +289,13 @@ def check_number(value: Any, what: str, *, low: float | None = None, high: float
     return v
 
 
+def check_open_fraction(value: Any, what: str) -> float:
+    """``value`` as a float strictly between 0 and 1 (a split of the validation data)."""
+    if not 0 < float(value) < 1:
+        raise ConfigError(f"{what} must be in (0, 1), got {value!r}.")
+    return float(value)
+
+
 def check_choice(value: Any, what: str, choices: Sequence[Any]) -> Any:
     if value not in choices:
         raise ConfigError(f"{what} must be one of {list(choices)}, got {value!r}.")

@@ -12,7 +12,7 @@ from ..errors import ConfigError, InputError
 from ..signals import ProbeBatch, Request, Signals, tensor_digest
 from ._ensemble import LayerCombiner, check_combine, select_on_halves
 from ._perturb import check_eps, check_grid, input_grad, step
-from .base import Detector, check_choice, register, register_variant
+from .base import Detector, check_choice, check_open_fraction, register, register_variant
 
 #: the official code's epsilon grid (the paper's is 0 to 0.2 in steps of 0.01)
 FSSD_CODE_EPSILONS = (0.2, 0.18, 0.16, 0.14, 0.12, 0.1, 0.08, 0.06, 0.04, 0.02, 0.01, 0.008, 0.006, 0.004,
@@ -115,9 +115,7 @@ class FSSD(Detector):
             raise ConfigError(f"n_noise must be >= 1, got {n_noise!r}.")
         self.n_noise = int(n_noise)
         self.seed = int(seed)
-        if not 0 < float(val_split) < 1:
-            raise ConfigError(f"val_split must be in (0, 1), got {val_split!r}.")
-        self.val_split = float(val_split)
+        self.val_split = check_open_fraction(val_split, "val_split")
 
     @property
     def tunes_on_ood(self) -> bool:  # type: ignore[override]

@@ -7,11 +7,11 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..signals import FEATURES, ProbeBatch, Request, Signals, Tap, tensor_digest
 from ._ensemble import LayerCombiner, check_combine, select_on_halves
 from ._perturb import check_eps, check_grid, input_grad, pred_ce, step
-from .base import Detector, check_choice, register, register_variant
+from .base import Detector, check_choice, check_open_fraction, register, register_variant
 
 
 @dataclass
@@ -184,9 +184,7 @@ class MahalanobisEnsemble(Detector):
         self.negatives = check_choice(negatives, "negatives", ("ood", "fgsm"))
         self.fgsm_step = check_eps(fgsm_step, "fgsm_step")
         self.seed = int(seed)
-        if not 0 < float(val_split) < 1:
-            raise ConfigError(f"val_split must be in (0, 1), got {val_split!r}.")
-        self.val_split = float(val_split)
+        self.val_split = check_open_fraction(val_split, "val_split")
 
     @property
     def tunes_on_ood(self) -> bool:  # type: ignore[override]
