@@ -95,8 +95,8 @@ def test_bad_specs_fail_before_running_with_the_fix(tmp_path, bad, pattern):
     ("name = [", "not valid TOML"),
     ('name = "x"', r"at least one \[\[run\]\]"),
     ('[[run]]\nmodel = "lenet-fmnist"', "missing 'id_fit'"),
-    ('colour = 1\n[[run]]\nmodel="m"\nid_fit="mnist"\nid_test="mnist"\nood=["mnist"]', r"unknown top-level keys \['colour'\]"),
-    ('[[run]]\nmodel="m"\nid_fit={ dataset="mnist", nn=3 }\nid_test="mnist"\nood=["mnist"]', r"unknown keys \['nn'\]"),
+    ('colour = 1\n[[run]]\nmodel="m"\nid_fit="mnist"\nid_test="mnist"\nood=["mnist"]', "top level: unknown key 'colour'"),
+    ('[[run]]\nmodel="m"\nid_fit={ dataset="mnist", nn=3 }\nid_test="mnist"\nood=["mnist"]', "id_fit: unknown key 'nn'. Did you mean 'n'"),
     ('[overrides.nope]\nk=1\n[[run]]\nmodel="m"\nid_fit="mnist"\nid_test="mnist"\nood=["mnist"]', "unknown detector"),
 ])
 def test_spec_syntax_errors(text, pattern):

@@ -11,9 +11,10 @@ Typical use::
     print(gradood.evaluate(s_id, s_ood))               # AUROC, FPR95, AUPR-In/Out, ...
 """
 
+from .deploy import load_detector
 from .detectors import Detector, available, create, describe
 from .errors import (ChecksumError, ConfigError, GradoodError, InputError, ModelError, NotFittedError,
-                     TuningDataError)
+                     OutputError, TuningDataError)
 from .probe import Probe
 from .signals import FEATURES, LOGITS, Request, Signals, Tap
 
@@ -27,8 +28,16 @@ def evaluate(scores_id, scores_ood, **kwargs):
     return _evaluate(scores_id, scores_ood, **kwargs)
 
 
+def __getattr__(name: str):  # gradood.Guard: the deployment wrapper (gradood.deploy.guard), loaded on first use
+    if name == "Guard":
+        from .deploy.guard import Guard
+
+        return Guard
+    raise AttributeError(f"module 'gradood' has no attribute {name!r}")
+
+
 __all__ = [
     "Probe", "Signals", "Request", "Tap", "LOGITS", "FEATURES", "Detector", "available", "create", "describe",
     "evaluate", "GradoodError", "InputError", "ConfigError", "ModelError", "NotFittedError", "ChecksumError",
-    "TuningDataError", "__version__",
+    "TuningDataError", "OutputError", "load_detector", "Guard", "__version__",
 ]

@@ -35,5 +35,9 @@ class ChecksumError(GradoodError, OSError):
     """A downloaded or cached file does not have the expected sha256; it was not used and was removed."""
 
 
+class OutputError(GradoodError, OSError):
+    """A results or cache folder cannot be written: it is a file, not writable, or the disk is full."""
+
+
 class TuningDataError(GradoodError, ValueError):
     """A detector whose tuning needs an OOD validation split was fitted without one."""

@@ -10,6 +10,7 @@ finishes, so an interrupted run resumes at the first unfinished detector and giv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import io
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, GradoodError
+from ..errors import ConfigError, GradoodError, OutputError
 from ..probe import Probe
 from ..signals import FEATURES, LOGITS, Signals, atomic_write_bytes
 from .spec import BenchSpec, DataRef, DetectorRef, RunSpec, load_spec
@@ -95,6 +96,11 @@ def load_data(ref: DataRef, info: ModelInfo, seed: int, where: str):
     ds = data.load(ref.dataset, ref.split, root=ref.root, **options)
     if ref.start is not None or ref.stop is not None:
         ds = ds.subset(np.arange(len(ds))[ref.start:ref.stop])
+    if ref.n is not None and ref.n > len(ds):
+        raise ConfigError(
+            f"{where}: {ref.label} asks for n = {ref.n} samples but has only {len(ds)}"
+            f"{' in start/stop' if ref.start is not None or ref.stop is not None else ''}: lower n to at most "
+            f"{len(ds)} or remove it to use every sample.")
     if ref.n is not None and ref.n < len(ds):
         ds = ds.sample(ref.n, seed=seed)
     if ref.resize is not None:
@@ -111,10 +117,41 @@ def load_data(ref: DataRef, info: ModelInfo, seed: int, where: str):
 
 
 def split_holdout(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a seeded validation hold-out and of the remaining test part."""
+    """Indices of a seeded validation hold-out of ``n_val`` samples and of the remaining test part."""
+    if not 1 <= n_val <= n // 2:
+        raise ConfigError(f"cannot hold out {n_val} of {n} samples for validation: ood_val must be between 1 and "
+                          f"half the OOD set ({n // 2}), so that its test part stays at least as large.")
     perm = np.random.default_rng(seed).permutation(n)
-    n_val = min(n_val, n // 2)
     return np.sort(perm[:n_val]), np.sort(perm[n_val:])
+
+
+def validate_data(spec: BenchSpec) -> None:
+    """Load every dataset entry of every run once (no model weights) and report every size or shape problem
+    together, before any extraction starts: n larger than the data, ood_val larger than half an OOD set,
+    images that do not fit the model."""
+    from .. import models
+
+    problems: list[str] = []
+    for run in spec.runs:
+        where = f"run {run.model}"
+        meta = models.describe(run.model)
+        shape_only = ModelInfo(model=None, mean=tuple(meta.mean), std=tuple(meta.std),  # type: ignore[arg-type]
+                               input_shape=tuple(meta.input_shape), head=meta.head, num_classes=meta.num_classes)
+        for ref in (run.id_fit, run.id_test, run.id_val, *run.oods):
+            if ref is None:
+                continue
+            try:
+                n = len(load_data(ref, shape_only, spec.seed, where))
+                if ref in run.oods and not 1 <= spec.ood_val <= n // 2:
+                    problems.append(f"{where}: ood_val = {spec.ood_val} but the OOD set {ref.label} has {n} samples: "
+                                    f"hold out at most half ({n // 2}) or add samples, so that its test part "
+                                    "is not silently shrunk.")
+            except ConfigError as e:
+                problems.append(str(e))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{spec.source or spec.name} has {len(problems)} problems:\n  - " + "\n  - ".join(problems))
 
 
 # ---------------------------------------------------------------------- results store
@@ -283,6 +320,7 @@ def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only
     from tqdm.auto import tqdm
 
     validate_names(spec)
+    validate_data(spec)
     cache = cache or out / "cache"
     store = ResultStore(out)
     all_rows: list[dict] = []
@@ -328,10 +366,9 @@ def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only
 
 
 def _report_scores(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The report plots one ID histogram per detector; OOD-tuned detectors have one per OOD set: use the first."""
-    out = {k: v for k, v in scores.items() if not k.startswith("id")}
-    out["id"] = scores["id"] if "id" in scores else next(v for k, v in scores.items() if k.startswith("id::"))
-    return out
+    """The scores as the report takes them: ``"id"`` or, for OOD-tuned detectors, ``"id::<ood set>"`` (ID scores
+    under the hyperparameters tuned for that OOD set), plus one array per OOD set."""
+    return dict(scores)
 
 
 def print_tables(rows: list[dict], console=None) -> None:
@@ -379,6 +416,33 @@ def default_out(spec: BenchSpec) -> Path:
     return Path(f"gradood-results-{safe}")
 
 
+def check_writable(folder: Path, option: str) -> None:
+    """Fail before any work when ``folder`` cannot hold results: a file in the way, no permission, full disk."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{option} {folder} is a file, not a folder: pass a folder path (it is created if missing).")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / ".gradood-write-test", b"ok")
+        (folder / ".gradood-write-test").unlink()
+    except OSError as e:
+        raise OutputError(f"{option} {folder} cannot be written ({e.strerror or e}): choose a writable folder "
+                          "with free space.") from e
+
+
+@contextlib.contextmanager
+def clear_write_errors(out: Path):
+    """Turn an OSError while writing results (disk full mid-run, folder removed) into an error naming the
+    folder and the fix; results finished before it stay on disk and a rerun resumes after them."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, GradoodError):
+            raise
+        where = e.filename or out
+        raise OutputError(f"could not write {where} ({e.strerror or e}): free disk space or pass --out/--cache "
+                          "elsewhere, then rerun the same command to resume.") from e
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -388,21 +452,36 @@ def main(args: argparse.Namespace) -> int:
     # instead of page-faulting it in again each time (design.md, performance bounds).
     tune_allocator()
 
+    if getattr(args, "example_spec", False) or getattr(args, "spec_reference", False):
+        from .spec import example_spec, spec_reference_markdown
+
+        print(example_spec() if args.example_spec else spec_reference_markdown(), end="")
+        return 0
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else default_out(spec)
     cache = Path(args.cache) if args.cache else None
     only = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
     console = Console(stderr=True)
+    check_writable(out, "--out")
+    if cache is not None:
+        check_writable(cache, "--cache")
     t0 = time.perf_counter()
-    rows, scores, errors = run_benchmark(spec, out, cache, only=only, progress=not args.quiet,
-                                         log=lambda m: console.print(m))
+    with clear_write_errors(out):
+        rows, scores, errors = run_benchmark(spec, out, cache, only=only, progress=not args.quiet,
+                                             log=lambda m: console.print(m))
     elapsed = time.perf_counter() - t0
+    if not rows:
+        for e in errors:
+            console.print(f"[red]error[/red] {e}")
+        raise GradoodError(f"no results: every detector failed ({len(errors)} errors, shown above)."
+                           if errors else "no results: no detector ran (check --detectors against the spec).")
     print_tables(rows)
     from .report import write_report, write_tables
 
-    write_tables(out, rows)
-    if not args.no_report:
-        write_report(out, rows, scores)
+    with clear_write_errors(out):
+        write_tables(out, rows)
+        if not args.no_report:
+            write_report(out, rows, scores)
     print(f"\n{len(rows)} results in {elapsed:.1f} s; tables: {out}/results.csv, .json, .md"
           + ("" if args.no_report else f"; report: {out}/index.html"))
     noted = {}
