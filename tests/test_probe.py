@@ -265,12 +265,15 @@ def test_runs_in_eval_mode_and_restores_every_flag():
     running = model.body[1].running_mean.clone()
     model.seen_training.clear()
     model.seen_grad_enabled.clear()
+    model.batch_sizes.clear()
 
     s = _signals(gradood.Probe(model), x, batch_size=5)
     logits = s.logits
 
     assert model.seen_training and not any(model.seen_training)      # every pass in eval mode
-    assert model.seen_grad_enabled and not any(model.seen_grad_enabled)  # under torch.no_grad
+    # head discovery follows the autograd graph of the logits on two samples; every signal pass is no_grad
+    assert model.batch_sizes[0] == 2 and model.seen_grad_enabled[0]
+    assert model.seen_grad_enabled[1:] and not any(model.seen_grad_enabled[1:])
     assert {n: m.training for n, m in model.named_modules()} == flags  # flags restored exactly
     torch.testing.assert_close(model.body[1].running_mean, running, rtol=0, atol=0)  # BN stats untouched
     model.eval()

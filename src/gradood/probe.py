@@ -1,14 +1,21 @@
 """The probe: turns any trained PyTorch classifier into the signals detectors need.
 
-A :class:`Probe` wraps an ``nn.Module`` classifier. It finds the classifier head -- the last ``nn.Linear``
-the forward pass reaches (or a 1x1 ``nn.Conv2d`` on 1x1 maps, as in BiT, when named) -- or takes its
-name, and runs batches in eval mode, capturing with hooks:
+A :class:`Probe` wraps an ``nn.Module`` classifier. It finds the classifier head by data flow -- the
+``nn.Linear`` (or 1x1 ``nn.Conv2d`` on 1x1 maps, as in BiT) whose output becomes the model's logits, through
+reshapes and element-wise ops only (see :mod:`gradood._head`) -- or takes its name, and runs batches in eval
+mode, capturing with hooks:
 
 * ``logits``: the head's output, ``B x C`` (the closed forms of gradood's gradient scores are exact for it);
 * ``features``: the head's input, the penultimate features ``h``, ``B x D``;
 * named layer activations ("taps"), e.g. for FSSD or multi-layer Mahalanobis.
 
-Every batch is checked: finite inputs, the same per-sample shape as the first batch, finite logits.
+Inputs are a tensor (``model(x)``) or a dict of tensors such as a tokenizer's output (``model(**x)``); the
+model may return a tensor, a tuple (logits first), a dict with ``"logits"`` or a transformers
+``ModelOutput`` (``.logits``), or anything a user ``logits=`` callable reads. A head applied at every
+position (GPT-2's ``score``) is read at the position whose output the model returns as its logits.
+
+Every batch is checked: finite inputs, the same per-sample shape as the first batch (for dict inputs: the
+same keys; sequence lengths may vary), finite logits.
 ``probe.signals(data)`` gives a lazy :class:`~gradood.signals.Signals` over a DataLoader / tensors that
 computes whatever the detectors ask for in one streaming pass, holding one batch of intermediates.
 """
@@ -18,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ._batches import Inputs, as_inputs, check_equal_lengths, take_rows
+from ._head import find_head, is_head_candidate, pool_positions
 from .errors import InputError, ModelError
 
 
@@ -33,7 +42,8 @@ class ForwardOutput:
     logits: torch.Tensor
     features: torch.Tensor
     taps: dict[str, torch.Tensor] = field(default_factory=dict)
-    x: torch.Tensor | None = None  # the validated input batch, on the model's device
+    x: Inputs | None = None  # the validated input batch, on the model's device
+    output: Any = None  # what the model returned (tensor, tuple, dict, ModelOutput)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -44,8 +54,43 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _is_head_candidate(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear)
+def _float_parts(x: Inputs) -> list[torch.Tensor]:
+    """The floating-point tensors of a batch of inputs (token ids and masks are not checked for NaN)."""
+    parts = list(x.values()) if isinstance(x, dict) else [x]
+    return [t for t in parts if t.is_floating_point()]
+
+
+def call_model(model: nn.Module, x: Inputs) -> Any:
+    """``model(**x)`` for dict inputs (HuggingFace convention), ``model(x)`` otherwise."""
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def output_logits(out: Any, logits: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+    """The logits in a model's output: ``logits(out)`` when given, else the output itself if a tensor, its
+    ``.logits`` (transformers ``ModelOutput``), its ``["logits"]`` (dict) or its first element (tuple)."""
+    if logits is not None:
+        z = logits(out)
+        if not isinstance(z, torch.Tensor):
+            raise ModelError(f"the logits= callable returned a {type(z).__name__}, not a tensor.")
+        return z
+    if isinstance(out, torch.Tensor):
+        return out
+    z = getattr(out, "logits", None)
+    if isinstance(z, torch.Tensor):
+        return z
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        raise ModelError(
+            f"the model returned a {type(out).__name__} without a 'logits' tensor (keys {list(out)[:8]}). Pass "
+            "Probe(model, logits=lambda out: out['<key>']) to say where the logits are."
+        )
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ModelError(
+        f"cannot find the logits in the model's output of type {type(out).__name__}: gradood reads a tensor, "
+        "its .logits, ['logits'] or [0]. Pass Probe(model, logits=<callable mapping the output to B x C logits>)."
+    )
 
 
 class Probe:
@@ -67,6 +112,14 @@ class Probe:
     input_mean:
         Per-channel mean of the input normalisation (used with ``input_std`` to map [0, 1] pixels, e.g.
         FSSD's uniform noise, into the model's input space). ``None`` means 0.
+    logits:
+        A callable mapping the model's output to its ``B x C`` logits, for outputs gradood cannot read by
+        itself. ``None`` (default): the output itself if a tensor, else its ``.logits`` (transformers
+        ``ModelOutput``), ``["logits"]`` (dict) or ``[0]`` (tuple).
+    embeddings:
+        Name of the token-embedding module whose output perturbation methods move for token inputs (integer
+        ids). ``None`` (default): ``model.get_input_embeddings()`` for transformers models, else the first
+        ``nn.Embedding`` the forward pass reaches.
     """
 
     def __init__(
@@ -76,18 +129,30 @@ class Probe:
         *,
         input_std: float | Sequence[float] | None = None,
         input_mean: float | Sequence[float] | None = None,
+        logits: Callable[[Any], torch.Tensor] | None = None,
+        embeddings: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"Probe needs a torch.nn.Module, got {type(model).__name__}.")
+        if logits is not None and not callable(logits):
+            raise ModelError(f"logits= must be a callable mapping the model's output to its logits, got {logits!r}.")
         self.model = model
+        self.logits_fn = logits
         self._modules = dict(model.named_modules())
         self.head_name: str | None = None
+        self.requested_head = head  # part of the signal cache's key (gradood.cache): "auto" when None
+        self._head_scope: str | None = None
         if head is not None:
             self._set_head(head)
+        if embeddings is not None and embeddings not in self._modules:
+            raise ModelError(f"the model has no module named {embeddings!r} (embeddings=); name its token "
+                             "embedding layer as in model.named_modules().")
+        self.embeddings_name = embeddings
         self.input_std = input_std
         self.input_mean = input_mean
-        self._input_shape: tuple[int, ...] | None = None
-        self._example: torch.Tensor | None = None
+        self._input_shape: Any = None
+        self._input_keys: tuple[str, ...] | None = None
+        self._example: Inputs | None = None
         self._checked_output = False
 
     # ------------------------------------------------------------------ head
@@ -99,11 +164,16 @@ class Probe:
                 "Pass head=<name of the layer that outputs the logits>."
             )
         m = self._modules[name]
-        if isinstance(m, nn.Sequential):
-            inner = [f"{name}.{n}" for n, sub in m.named_modules() if isinstance(sub, nn.Linear)]
-            if not inner:
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            # A container (nn.Sequential, RoBERTa's classification head...): the candidate layer inside it.
+            inner = [f"{name}.{n}" if n else name for n, sub in m.named_modules() if n and is_head_candidate(sub)]
+            if not inner and isinstance(m, nn.Sequential):
                 raise ModelError(f"{name!r} is a Sequential without an nn.Linear; name the linear layer itself.")
-            name, m = inner[-1], self._modules[inner[-1]]
+            if len(inner) > 1:
+                self._head_scope = name  # which one outputs the logits is found by data flow on the first batch
+                return
+            if inner:
+                name, m = inner[0], self._modules[inner[0]]
         if isinstance(m, nn.Conv2d):
             if m.kernel_size != (1, 1) or m.groups != 1:
                 raise ModelError(f"head {name!r} is a Conv2d with kernel {m.kernel_size}; only 1x1 convs act as heads.")
@@ -132,27 +202,20 @@ class Probe:
         b = self.head.bias
         return None if b is None else b.detach()
 
-    def _find_head(self, x: torch.Tensor) -> None:
-        order: list[str] = []
-        handles = [
-            m.register_forward_hook(lambda _m, _i, _o, n=n: order.append(n))
-            for n, m in self._modules.items()
-            if _is_head_candidate(m)
-        ]
-        try:
-            with torch.no_grad(), self.eval_mode():
-                self._run_model(x)  # a model failing on the first batch gets the same InputError as below
-        finally:
-            for h in handles:
-                h.remove()
-        if not order:
-            raise ModelError(
-                f"no nn.Linear layer is reached in the forward pass of {type(self.model).__name__}, so the "
-                "classifier head cannot be found. Pass Probe(model, head='<name>') naming the layer whose "
-                "output are the logits (an nn.Linear, or a 1x1 nn.Conv2d); module names are listed by "
-                "[n for n, _ in model.named_modules()]."
-            )
-        self.head_name = order[-1]
+    def _find_head(self, x: Inputs) -> None:
+        """The head by data flow (see :mod:`gradood._head`), on the first two samples of the first batch."""
+        few = take_rows(x, slice(0, 2))
+
+        def run() -> Any:
+            with self.eval_mode():
+                return self._run_model(few)  # a model failing on the first batch gets the InputError below
+
+        self._set_head(find_head(self.model, run, self.output_logits, scope=self._head_scope))
+        self._head_scope = None
+
+    def output_logits(self, out: Any) -> torch.Tensor:
+        """The logits in an output of the model (see :func:`output_logits` and ``logits=``)."""
+        return output_logits(out, self.logits_fn)
 
     # ------------------------------------------------------------------ running
     @property
@@ -180,10 +243,13 @@ class Probe:
             for m in training:
                 m.training = True
 
-    def prepare(self, x: torch.Tensor, *, batch_index: int | None = None, check_finite: bool = True) -> torch.Tensor:
+    def prepare(self, x: Inputs, *, batch_index: int | None = None, check_finite: bool = True) -> Inputs:
         """Validate a batch of inputs and move it to the model's device and dtype (``check_finite=False``
-        leaves the NaN/Inf test to the caller, e.g. :meth:`forward`, which folds it into its logits check)."""
+        leaves the NaN/Inf test to the caller, e.g. :meth:`forward`, which folds it into its logits check).
+        Dict inputs (a tokenizer's output) keep their integer entries' dtype."""
         where = "" if batch_index is None else f" in batch {batch_index}"
+        if isinstance(x, Mapping):
+            return self._prepare_dict(x, where, check_finite)
         if not isinstance(x, torch.Tensor):
             raise InputError(f"inputs{where} must be a tensor, got {type(x).__name__}.")
         if x.ndim == 0 or x.shape[0] == 0:
@@ -202,27 +268,62 @@ class Probe:
             x = x.to(self.dtype)
         return x
 
-    @staticmethod
-    def _raise_nonfinite_inputs(x: torch.Tensor, where: str) -> None:
-        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-        idx = bad.nonzero().flatten()[:5].tolist()
-        raise InputError(
-            f"inputs{where} contain NaN or Inf (samples {idx} of the batch). Clean or drop those "
-            "samples before scoring (e.g. torch.nan_to_num, or check the loading/normalisation code)."
-        )
+    def _prepare_dict(self, x: Mapping[str, Any], where: str, check_finite: bool) -> dict[str, torch.Tensor]:
+        x = as_inputs(x, f"inputs{where}")
+        n = check_equal_lengths(x, f"inputs{where}")  # type: ignore[arg-type]
+        if n == 0:
+            raise InputError(f"empty batch{where}: the dataset yields no samples.")
+        keys = tuple(x)
+        if self._input_keys is not None and set(keys) != set(self._input_keys):
+            raise InputError(
+                f"inputs{where} have the keys {sorted(keys)}, but earlier batches had {sorted(self._input_keys)}. "
+                "Every batch must pass the model the same keyword arguments."
+            )
+        if isinstance(self._input_shape, dict):
+            for k, v in x.items():  # type: ignore[union-attr]
+                first = self._input_shape[k]
+                # sequence lengths may vary between batches (dynamic padding); the rank and float shapes may not
+                if v.ndim - 1 != len(first) or (v.is_floating_point() and tuple(v.shape[1:]) != first):
+                    raise InputError(
+                        f"input {k!r}{where} has per-sample shape {tuple(v.shape[1:])}, but earlier batches had "
+                        f"{first}. Resize or reshape them in the dataset transform."
+                    )
+        out: dict[str, torch.Tensor] = {}
+        for k, v in x.items():  # type: ignore[union-attr]
+            v = v.to(self.device, non_blocking=True)
+            out[k] = v.to(self.dtype) if v.is_floating_point() and v.dtype != self.dtype else v
+        if check_finite and not all(_all_finite(t) for t in _float_parts(out)):
+            self._raise_nonfinite_inputs(out, where)
+        return out
 
-    def _run_model(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            return self.model(x)
-        except (RuntimeError, ValueError, IndexError) as e:
-            if self._input_shape is None:
+    @staticmethod
+    def _raise_nonfinite_inputs(x: Inputs, where: str) -> None:
+        for key, t in (x.items() if isinstance(x, dict) else [(None, x)]):
+            if not t.is_floating_point():
+                continue
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+            if bool(bad.any()):
+                idx = bad.nonzero().flatten()[:5].tolist()
+                what = "inputs" if key is None else f"input {key!r}"
                 raise InputError(
-                    f"the model failed on inputs of per-sample shape {tuple(x.shape[1:])} ({type(e).__name__}: "
-                    f"{e}). Check that the data has the shape, channel order and dtype the model expects."
+                    f"{what}{where} contain NaN or Inf (samples {idx} of the batch). Clean or drop those "
+                    "samples before scoring (e.g. torch.nan_to_num, or check the loading/normalisation code)."
+                )
+
+    def _run_model(self, x: Inputs) -> Any:
+        try:
+            return call_model(self.model, x)
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            if self._input_shape is None:
+                what = (f"the keyword inputs {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in x.items())}}}"
+                        if isinstance(x, dict) else f"inputs of per-sample shape {tuple(x.shape[1:])}")
+                raise InputError(
+                    f"the model failed on {what} ({type(e).__name__}: {e}). Check that the data has the shape, "
+                    "channel order, keys and dtype the model expects."
                 ) from e
             raise
 
-    def forward(self, x: torch.Tensor, taps: Sequence[str] = (), *, grad: bool = False,
+    def forward(self, x: Inputs, taps: Sequence[str] = (), *, grad: bool = False,
                 batch_index: int | None = None, validate: bool = True) -> ForwardOutput:
         """Run one batch and return logits (head output), features (head input) and the named taps.
 
@@ -265,6 +366,9 @@ class Probe:
                 raise ModelError(f"head {self.head_name!r} is a 1x1 conv applied to {tuple(logits.shape[-2:])} maps; "
                                  "gradood needs pooled 1x1 maps at the head.")
             logits, feats = logits.flatten(1), feats.flatten(1)
+        elif logits.ndim > 2:
+            # a head applied at every position (GPT-2's score): read it where the model reads its logits
+            logits, feats = pool_positions(logits, feats, self._sequence_logits(out, logits), self.head_name)
         if feats.ndim != 2:
             raise ModelError(
                 f"the head {self.head_name!r} receives inputs of shape {tuple(feats.shape)}; gradood needs one "
@@ -272,13 +376,19 @@ class Probe:
             )
         if validate:
             # One synchronising test for inputs and logits together; the exact checks only when it fails.
-            finite = bool(torch.isfinite(logits.detach().sum() + (x.sum() if x.is_floating_point() else 0.0)))
-            if not finite and x.is_floating_point() and not _all_finite(x):
+            floats = _float_parts(x)
+            finite = bool(torch.isfinite(logits.detach().sum() + sum((t.sum() for t in floats), 0.0)))
+            if not finite and not all(_all_finite(t) for t in floats):
                 self._raise_nonfinite_inputs(x, "" if batch_index is None else f" in batch {batch_index}")
             self._check_logits(logits, out, batch_index, known_finite=finite)
             if self._input_shape is None:
-                self._input_shape = tuple(x.shape[1:])
-                self._example = x[:1].detach().clone()
+                if isinstance(x, dict):
+                    self._input_shape = {k: tuple(v.shape[1:]) for k, v in x.items()}
+                    self._input_keys = tuple(x)
+                    self._example = {k: v[:1].detach().clone() for k, v in x.items()}
+                else:
+                    self._input_shape = tuple(x.shape[1:])
+                    self._example = x[:1].detach().clone()
         taps_out = {t: captured[("tap", t)] for t in taps if ("tap", t) in captured}
         for t in taps:
             if t == "logits":
@@ -287,7 +397,20 @@ class Probe:
                 taps_out[t] = feats
             elif t not in taps_out:
                 raise ModelError(f"layer {t!r} was not reached in the forward pass.")
-        return ForwardOutput(logits=logits, features=feats, taps=taps_out, x=x)
+        return ForwardOutput(logits=logits, features=feats, taps=taps_out, x=x, output=out)
+
+    def _sequence_logits(self, out: Any, head_out: torch.Tensor) -> torch.Tensor:
+        try:
+            z = self.output_logits(out)
+        except ModelError as e:
+            raise ModelError(f"the head {self.head_name!r} is applied at every position and {e}") from None
+        if z.ndim != 2 or z.shape[0] != head_out.shape[0] or z.shape[1] != head_out.shape[-1]:
+            raise ModelError(
+                f"the head {self.head_name!r} outputs {tuple(head_out.shape)} (one output per position) and the "
+                f"model's logits have shape {tuple(z.shape)}, not B x C = ({head_out.shape[0]}, "
+                f"{head_out.shape[-1]}). Name a head applied after the pooling (head=), or pass logits=."
+            )
+        return z
 
     def _check_logits(self, logits: torch.Tensor, out: Any, batch_index: int | None,
                       known_finite: bool = False) -> None:
@@ -304,8 +427,14 @@ class Probe:
             )
         if not self._checked_output:
             self._checked_output = True
-            if not (isinstance(out, torch.Tensor) and out.shape == logits.shape
-                    and torch.allclose(out.detach(), logits.detach(), rtol=1e-4, atol=1e-5)):
+            try:
+                z = self.output_logits(out)
+            except ModelError as e:
+                warnings.warn(f"{e} gradood uses the output of the head {self.head_name!r} as the logits.",
+                              stacklevel=3)
+                return
+            if not (z.shape == logits.shape
+                    and torch.allclose(z.detach().to(logits.dtype), logits.detach(), rtol=1e-4, atol=1e-5)):
                 warnings.warn(
                     f"the model's output differs from the output of its head {self.head_name!r}; gradood uses "
                     "the head's output as the logits (the closed-form gradient scores are exact for it). "
@@ -314,8 +443,9 @@ class Probe:
                 )
 
     @property
-    def input_shape(self) -> tuple[int, ...] | None:
-        """Per-sample input shape, known once a batch has run."""
+    def input_shape(self) -> Any:
+        """Per-sample input shape, known once a batch has run (for dict inputs: ``{key: shape}`` of the
+        first batch)."""
         return self._input_shape
 
     def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -351,7 +481,7 @@ class Probe:
         handles = [m.register_forward_hook(hook(n)) for n, m in candidates.items()]
         try:
             with torch.no_grad(), self.eval_mode():
-                self.model(self._example)
+                call_model(self.model, self._example)
         finally:
             for h in handles:
                 h.remove()
@@ -360,9 +490,10 @@ class Probe:
     # ------------------------------------------------------------------ data
     def signals(self, data: Any, *, batch_size: int = 128, name: str = "data", cache_dir: Any = None,
                 progress: bool = True, checkpoint_every: int = 50) -> "Signals":
-        """A lazy :class:`~gradood.signals.Signals` over ``data`` (DataLoader, Dataset, tensor, array or
-        ``(inputs, labels)``). Nothing runs until a detector asks for signals; then one pass computes all of
-        them. ``cache_dir`` keeps them on disk (resumable, atomic writes)."""
+        """A lazy :class:`~gradood.signals.Signals` over ``data`` (DataLoader, Dataset, tensor, array,
+        ``(inputs, labels)``, or a dict of equal-length tensors / a tokenizer's ``BatchEncoding``, with labels
+        under ``"labels"`` or ``"label"``). Nothing runs until a detector asks for signals; then one pass
+        computes all of them. ``cache_dir`` keeps them on disk (resumable, atomic writes)."""
         from ._batches import BatchSource
         from .signals import Signals
 
