@@ -1,0 +1,313 @@
+"""Fitting and scoring detectors from shards, with memory that does not grow with the number of samples.
+
+A :class:`StreamFit` describes a fit as passes over the shards; each pass maps every shard to a mergeable
+statistic (:mod:`gradood.stream.stats`) and reduces them in shard order, so the fitted state is the same
+whether one process reads the shards or many workers do (:mod:`gradood.distributed` runs the maps on a Ray
+cluster). The fitted attributes are the ones the in-memory ``fit`` sets, so a streamed detector scores, saves
+and reports like any other; tests check both fits agree to float64 round-off.
+
+Streamable fits: ``mahalanobis`` (class moments -> tied covariance), ``vim`` (uncentred second moment about
+the origin, then the mean residual norm), ``klmatching`` (per-class softmax sums), ``react`` (the exact
+percentile by radix selection on the values' bits), ``rg-additive`` (moments of the seeded subset), ``knn``
+(a normalised bank written as shards and searched shard by shard). Detectors without fitted state (MSP,
+Energy, GradNorm, ...) need nothing. Other fitted detectors raise a ConfigError naming these.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .. import cache as _cache
+from ..errors import ConfigError, InputError
+from ..signals import FEATURES, LOGITS, Signals
+from .shards import ShardedSignals
+from .stats import (ClassMoments, ExactRankSelector, Moments, Sums, merge_smallest, numpy_linear_percentile,
+                    percentile_ranks)
+
+#: Runs ``fitter.map(pass_index, shard_index)`` over every shard and returns the results in shard order.
+MapShards = Callable[["StreamFit", int], list]
+
+
+class StreamFit:
+    """A fit as passes of map (one shard -> statistic) and reduce (statistics in shard order -> state)."""
+
+    passes: int = 1
+
+    def __init__(self, detector: Any, shards: ShardedSignals) -> None:
+        self.detector = detector
+        self.folder = str(shards.folder)
+        self.n = len(shards)
+        self.offsets = shards.offsets
+        self._shards: ShardedSignals | None = shards
+
+    @property
+    def shards(self) -> ShardedSignals:
+        if self._shards is None:  # in a worker process: reopen the folder (checksums were checked by the driver)
+            self._shards = ShardedSignals(self.folder, verify=False)
+        return self._shards
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shards": None}
+
+    def map(self, p: int, i: int) -> Any:
+        return self.map_signals(p, self.shards.shard_signals(i), self.offsets[i], i)
+
+    def map_signals(self, p: int, s: Signals, offset: int, i: int) -> Any:
+        raise NotImplementedError
+
+    def reduce(self, p: int, parts: list) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+def _merged(parts: list) -> Any:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.merge(p)
+    return out
+
+
+class MahalanobisFit(StreamFit):
+    def map_signals(self, p, s, offset, i):
+        from ..detectors._checks import class_labels
+
+        return ClassMoments.of(s.features, class_labels(s, "mahalanobis"))
+
+    def reduce(self, p, parts):
+        self.moments: ClassMoments = _merged(parts)
+
+    def finish(self):
+        from ..detectors.mahalanobis import TiedGaussian
+
+        C = self.detector.n_classes_ if hasattr(self.detector, "n_classes_") else max(self.moments.per_class) + 1
+        counts = self.moments.counts(C)
+        if bool((counts == 0).any()):
+            raise InputError(f"the ID fit shards have no samples of classes {(counts == 0).nonzero().flatten().tolist()[:10]}: "
+                             "Mahalanobis needs every class's mean. Fit on data covering all classes.")
+        self.detector.gaussian_ = TiedGaussian.from_moments(self.moments.means(C), self.moments.tied_covariance(),
+                                                            ridge=self.detector.ridge)
+
+
+class ViMFit(StreamFit):
+    passes = 2
+
+    def __init__(self, detector, shards):
+        super().__init__(detector, shards)
+        first = shards.shard_signals(0)
+        w, b = first.head_params()
+        self.D = int(first.features.shape[1])
+        self.origin = (-torch.linalg.pinv(w.double()) @ b.double()) if b is not None else torch.zeros(self.D, dtype=torch.float64)
+
+    def map_signals(self, p, s, offset, i):
+        x = s.features.double() - self.origin
+        if p == 0:
+            return Sums(len(x), {"xx": x.T @ x, "maxlogit": s.logits.double().amax(dim=1).sum()})
+        return Sums(len(x), {"residual": (x @ self.residual_basis).norm(dim=1).sum()})
+
+    def reduce(self, p, parts):
+        total = _merged(parts)
+        if p == 0:
+            from ..detectors.vim import vim_residual_basis
+
+            self.mean_maxlogit = total.values["maxlogit"] / total.n
+            self.dim, self.residual_basis = vim_residual_basis(self.detector, total.values["xx"] / total.n, total.n)
+        else:
+            self.mean_residual = total.values["residual"] / total.n
+
+    def finish(self):
+        d = self.detector
+        d.origin_, d.residual_basis_, d.dim_ = self.origin, self.residual_basis, self.dim
+        d.alpha_ = float(self.mean_maxlogit / self.mean_residual)
+
+
+class KLMatchingFit(StreamFit):
+    def map_signals(self, p, s, offset, i):
+        prob = torch.softmax(s.logits.double(), dim=1)
+        C = prob.shape[1]
+        pred = prob.argmax(dim=1)
+        return Sums(len(prob), {"sums": torch.zeros(C, C, dtype=torch.float64).index_add_(0, pred, prob),
+                                "counts": torch.bincount(pred, minlength=C).double()})
+
+    def reduce(self, p, parts):
+        self.total: Sums = _merged(parts)
+
+    def finish(self):
+        from ..detectors.logit_scores import kl_templates
+
+        self.detector.templates_, self.detector.class_counts_ = kl_templates(
+            self.total.values["sums"], self.total.values["counts"], self.detector.smoothing)
+
+
+class ReActFit(StreamFit):
+    def __init__(self, detector, shards):
+        super().__init__(detector, shards)
+        first = shards.array(0, FEATURES.key)
+        self.count = self.n * int(np.prod(first.shape[1:]))
+        self.ranks = percentile_ranks(self.count, float(detector.percentile))
+        self.selector = ExactRankSelector(list(self.ranks), np.float64 if first.dtype == np.float64 else np.float32)
+        self.passes = 0 if detector.clip is not None else self.selector.total_bits // ExactRankSelector.BITS
+
+    def map(self, p, i):
+        return self.selector.counts_of(np.asarray(self.shards.array(i, FEATURES.key)))
+
+    def reduce(self, p, parts):
+        self.selector.start_pass()
+        for c in parts:
+            self.selector.add_counts(c)
+        self.selector.end_pass()
+
+    def finish(self):
+        if self.detector.clip is None:
+            lo, hi = self.selector.values
+            self.detector.clip_ = numpy_linear_percentile(lo, hi, self.count, float(self.detector.percentile))
+
+
+class RGAdditiveFit(StreamFit):
+    def __init__(self, detector, shards):
+        super().__init__(detector, shards)
+        g = torch.Generator().manual_seed(detector.seed)
+        keep = torch.zeros(self.n, dtype=torch.bool)
+        keep[torch.randperm(self.n, generator=g)[: min(detector.n_fit, self.n)]] = True
+        self.keep = keep
+
+    def map_signals(self, p, s, offset, i):
+        from ..detectors.output_feature import _clipped_sum
+
+        rows = self.keep[offset: offset + len(s)]
+        energy = torch.logsumexp(s.logits[rows].double(), dim=1)
+        clipped = _clipped_sum(s.features[rows].double(), self.detector.k)
+        return Moments.of(torch.stack([energy, clipped], dim=1), outer=False)
+
+    def reduce(self, p, parts):
+        self.moments: Moments = _merged(parts)
+
+    def finish(self):
+        sd_energy, sd_c = (float(v) for v in self.moments.std())
+        if not sd_c > 0:
+            raise InputError("the clipped feature sum is constant on the fit samples (all features >= k or all zero), "
+                             "so alpha is undefined: lower k or check the features.")
+        self.detector.alpha_s_ = sd_energy / sd_c
+        self.detector.alpha_ = self.detector.m * self.detector.alpha_s_
+
+
+class KNNFit(StreamFit):
+    """Writes the normalised (and ``fraction``-subsampled) bank as shards beside the fit shards."""
+
+    def __init__(self, detector, shards):
+        super().__init__(detector, shards)
+        keep = torch.ones(self.n, dtype=torch.bool)
+        if detector.fraction < 1:
+            g = torch.Generator().manual_seed(detector.seed)
+            keep = torch.zeros(self.n, dtype=torch.bool)
+            keep[torch.randperm(self.n, generator=g)[: max(1, int(round(detector.fraction * self.n)))]] = True
+        self.keep = keep
+        params = _cache.digest({"normalize": detector.normalize, "fraction": detector.fraction, "seed": detector.seed,
+                                "data": shards.key.get("data"), "model": shards.key.get("model")})
+        self.bank = Path(self.folder) / f"knn-bank-{params}"
+
+    def map_signals(self, p, s, offset, i):
+        z = self.detector._embed(s.features)[self.keep[offset: offset + len(s)]].contiguous()
+        path = self.bank / f"bank-{i:06d}.npy"
+        _cache.write_verified(path, _cache.array_bytes(z), {"bank shard": i})
+        return (str(path), int(len(z)))
+
+    def reduce(self, p, parts):
+        self.parts = [(path, rows) for path, rows in parts if rows > 0]
+
+    def finish(self):
+        total = sum(rows for _, rows in self.parts)
+        if self.detector.k > total:
+            raise InputError(f"k={self.detector.k} but the feature bank has only {total} samples: lower k or fit on "
+                             "more data.")
+        self.detector.bank_ = None  # never in memory: searched shard by shard
+        self.detector.bank_shards_ = [path for path, _ in self.parts]
+
+
+FITTERS: dict[str, type[StreamFit]] = {"Mahalanobis": MahalanobisFit, "ViM": ViMFit, "KLMatching": KLMatchingFit,
+                                       "ReAct": ReActFit, "RGAdditive": RGAdditiveFit, "KNN": KNNFit}
+
+
+def _fitter_for(detector: Any, shards: ShardedSignals) -> StreamFit | None:
+    name = type(detector).__name__
+    if name in FITTERS:
+        return FITTERS[name](detector, shards)
+    if detector._needs_fit():
+        raise ConfigError(f"{detector.label} cannot be fitted from shards yet (streamable fits: "
+                          f"{', '.join(sorted(FITTERS))}); fit it in memory with .fit(signals).")
+    return None
+
+
+def local_map(fitter: StreamFit, p: int) -> list:
+    return [fitter.map(p, i) for i in range(len(fitter.offsets))]
+
+
+def fit_streaming(detector: Any, shards: ShardedSignals, *, map_shards: MapShards = local_map) -> Any:
+    """Fit ``detector`` on the ID signals in ``shards`` one shard at a time; returns the detector.
+
+    ``map_shards`` runs one pass's map over every shard (default: here, in order; :mod:`gradood.distributed`
+    passes one that runs them as Ray tasks). The reduce always merges in shard order."""
+    first = shards.shard_signals(0)
+    first.require(detector.fit_requests())
+    detector._record_shapes(first)
+    fitter = _fitter_for(detector, shards)
+    if fitter is not None:
+        for p in range(fitter.passes):
+            fitter.reduce(p, map_shards(fitter, p))
+        fitter.finish()
+    detector.fitted_ = True
+    return detector
+
+
+def score_streaming(detector: Any, shards: ShardedSignals) -> np.ndarray:
+    """Scores of every sample in ``shards`` (float64, higher = more ID), one shard in memory at a time."""
+    return np.concatenate([score_shard(detector, s) for s in shards.iter_signals()])
+
+
+def score_shard(detector: Any, s: Signals) -> np.ndarray:
+    if getattr(detector, "bank_shards_", None):
+        return _knn_score_from_bank(detector, s)
+    return detector.score(s)
+
+
+def _knn_score_from_bank(detector: Any, s: Signals) -> np.ndarray:
+    """``-||z - z_(k)||`` with the k nearest bank rows found shard by shard (faiss when installed)."""
+    detector._check_fitted()
+    q = detector._embed(s.features)
+    best = None
+    for path in detector.bank_shards_:
+        bank = torch.from_numpy(np.load(path, mmap_mode="r", allow_pickle=False).copy())
+        best = merge_smallest(best, _smallest_sqdists(q, bank, detector.k), detector.k)
+    assert best is not None
+    return (-best[:, detector.k - 1].clamp_min(0).double().sqrt()).numpy()
+
+
+def _smallest_sqdists(q: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    from ..detectors.knn import _faiss_available
+
+    k = min(k, len(bank))
+    if _faiss_available():
+        import faiss
+
+        index = faiss.IndexFlatL2(bank.shape[1])
+        index.add(np.ascontiguousarray(bank.numpy(), dtype=np.float32))
+        d, _ = index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)
+        return torch.from_numpy(d).to(q.dtype)
+    d = (q.pow(2).sum(1, keepdim=True) + bank.pow(2).sum(1) - 2.0 * q @ bank.T).clamp_min_(0.0)
+    return torch.topk(d, k, dim=1, largest=False, sorted=True).values
+
+
+def streamable() -> list[str]:
+    """Registry names whose fit can run from shards (every detector without fitted state, plus FITTERS')."""
+    from ..detectors import available, create
+
+    return [n for n in available() if type(create(n)).__name__ in FITTERS or not create(n)._needs_fit()]
+
+
+__all__: Sequence[str] = ["fit_streaming", "score_streaming", "streamable", "StreamFit", "FITTERS"]
