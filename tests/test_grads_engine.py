@@ -8,6 +8,8 @@ size 1 and batches whose samples differ in scale by 1e6.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -447,16 +449,26 @@ def test_unsupported_layer_falls_back_warns_and_is_exact():
     assert rel_dict(mom.sum, s) < 1e-6 and rel_dict(mom.sumsq, ss) < 1e-6
 
 
-def test_tied_weights_fall_back_and_are_exact():
+def test_tied_weights_are_exact_without_fallback():
+    """A tied parameter's per-sample gradient is the sum over its layers (here Embedding + Linear)."""
     torch.manual_seed(0)
     model = Tied().to(DT).eval()
     x = torch.randint(0, 7, (4, 3))
-    with pytest.warns(FallbackWarning, match="shared"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
         ours = per_sample_grad_sqnorms(model, x, energy)
-    assert rel_rows(ours[:, None], ref.sqnorms(model, x, energy)[:, None]) < 1e-6
-    # the alias name selects the same (shared) parameter
-    with pytest.warns(FallbackWarning):
+        basis = GradBasis.random(model, 3, generator=torch.Generator().manual_seed(1))
+        proj = per_sample_grad_projections(model, x, energy, basis)
+        mom = grad_moments(model, x, energy)
+        w = torch.randn(4, 2, dtype=DT)
+        ws = weighted_grad_sums(model, x, energy, w)
+        # the alias name selects the same (shared) parameter
         alias = per_sample_grad_sqnorms(model, x, energy, params=["out.weight"])
+    assert rel_rows(ours[:, None], ref.sqnorms(model, x, energy)[:, None]) < 1e-9
+    assert rel_rows(proj, ref.projections(model, x, energy, basis)) < 1e-9
+    s, ss = ref.moments(model, x, energy)
+    assert rel_dict(mom.sum, s) < 1e-9 and rel_dict(mom.sumsq, ss) < 1e-9
+    assert rel_dict(ws, ref.weighted_sums(model, x, energy, w)) < 1e-9
     torch.testing.assert_close(alias, ref.sqnorms(model, x, energy, params=["emb.weight"]), rtol=1e-9, atol=0)
 
 

@@ -8,16 +8,21 @@ precedes the first tap. Each tap's backward hands the output gradient to its lay
 produces it; the layer reduces ``(input, output gradient)`` at once (see :mod:`._layers`) and both are
 released, so memory peaks like a training step's.
 
-Layers without a fast rule (or whose parameter is shared between modules) are computed afterwards with
-``torch.func`` (``functional_call`` + ``vmap(grad)``) for their parameters only, with a
+Tied parameters (one parameter registered in several layers) sum the layers' per-sample gradients before
+reducing. Layers without a fast rule are computed afterwards with ``torch.func`` (``functional_call`` +
+``vmap(grad)``; one backward per sample for models that cannot be vmapped) for their parameters only, with a
 :class:`FallbackWarning` naming them.
+
+Inputs are a batch tensor (``model(x)``) or a dict of equal-length tensors such as a tokenizer's
+``BatchEncoding`` (``model(**x)``). Padding needs nothing special: with the attention mask, padded
+positions receive exactly zero output gradient, so they add nothing to any layer's per-sample gradient.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -70,18 +75,58 @@ def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return torch.get_default_dtype(), torch.device("cpu")
 
 
-def prepare_input(model: nn.Module, x: Any) -> torch.Tensor:
+Inputs = Any  # a batch tensor, or a dict of tensors (HF tokenizer output) passed as keyword arguments
+
+
+def _prepare_tensor(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = t.to(device)
+    if t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)
+    if t.is_inference():
+        t = t.clone()  # tensors made under inference_mode cannot enter an autograd graph
+    return t.detach()
+
+
+def prepare_input(model: nn.Module, x: Any) -> Inputs:
+    """A batch on the model's device (floats in its dtype): a tensor (called as ``model(x)``) or a mapping of
+    equal-length tensors such as a tokenizer's ``BatchEncoding`` (called as ``model(**x)``)."""
+    dtype, device = model_dtype_device(model)
+    if isinstance(x, Mapping):
+        if not x:
+            raise InputError("a dict input must hold at least one tensor (e.g. input_ids).")
+        n = None
+        out = {}
+        for k, v in x.items():
+            if not isinstance(v, torch.Tensor) or v.ndim == 0:
+                got = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise InputError(f"dict input {k!r} must be a tensor with samples in dimension 0, got {got} "
+                                 "(tokenize with return_tensors='pt').")
+            if n is None:
+                n = v.shape[0]
+            elif v.shape[0] != n:
+                raise InputError(f"dict inputs must hold the same number of samples; {k!r} has {v.shape[0]}, "
+                                 f"the first entry {n}.")
+            out[str(k)] = _prepare_tensor(v, dtype, device)
+        if n == 0:
+            raise InputError("inputs must be a non-empty batch, got 0 samples.")
+        return out
     if not isinstance(x, torch.Tensor):
-        raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}.")
+        raise InputError(f"inputs must be a torch.Tensor or a dict of tensors, got {type(x).__name__}.")
     if x.ndim == 0 or x.shape[0] == 0:
         raise InputError(f"inputs must be a non-empty batch (first dimension = samples), got shape {tuple(x.shape)}.")
-    dtype, device = model_dtype_device(model)
-    x = x.to(device)
-    if x.is_floating_point() and x.dtype != dtype:
-        x = x.to(dtype)
-    if x.is_inference():
-        x = x.clone()  # tensors made under inference_mode cannot enter an autograd graph
-    return x.detach()
+    return _prepare_tensor(x, dtype, device)
+
+
+def batch_size(x: Inputs) -> int:
+    return next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+
+
+def take_rows(x: Inputs, rows: slice) -> Inputs:
+    return {k: v[rows] for k, v in x.items()} if isinstance(x, dict) else x[rows]
+
+
+def call_model(model: nn.Module, x: Inputs) -> Any:
+    return model(**x) if isinstance(x, dict) else model(x)
 
 
 def check_losses(losses: Any, B: int) -> torch.Tensor:
@@ -105,17 +150,19 @@ def _direct_params(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
     return {n: owner[id(p)] for n, p in model.named_parameters()}
 
 
-def _shared_params(model: nn.Module) -> set[int]:
-    """ids of parameters registered in more than one module (tied weights): their gradient sums over layers."""
-    holders: dict[int, set[int]] = {}
-    for m in model.modules():  # distinct module instances; one module called twice is not sharing
-        for p in m._parameters.values():
+def _holders(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, str]]]:
+    """Canonical parameter name -> every (module name, module, attribute) registering it. More than one
+    distinct module means tied weights: the parameter's gradient is the sum of the holders' gradients (one
+    module called twice is not sharing; its calls add up inside its own rule)."""
+    by_id: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mname, m in model.named_modules():  # distinct module instances
+        for attr, p in m._parameters.items():
             if p is not None:
-                holders.setdefault(id(p), set()).add(id(m))
-    return {pid for pid, ms in holders.items() if len(ms) > 1}
+                by_id.setdefault(id(p), []).append((mname, m, attr))
+    return {n: by_id[id(p)] for n, p in model.named_parameters()}
 
 
-def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+def forward_order(model: nn.Module, x: Inputs) -> list[str]:
     """Names of modules that own parameters with requires_grad, in the order the forward pass first calls them."""
     owners = {mname for mname, _, _ in (_direct_params(model)[n] for n, p in model.named_parameters()
                                          if p.requires_grad)}
@@ -124,14 +171,14 @@ def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
                for n, m in model.named_modules() if n in owners]
     try:
         with torch.no_grad():
-            model(x[:1])
+            call_model(model, take_rows(x, slice(0, 1)))
     finally:
         for h in handles:
             h.remove()
     return order
 
 
-def resolve_params(model: nn.Module, params: Any, x: torch.Tensor | None = None) -> list[str]:
+def resolve_params(model: nn.Module, params: Any, x: Inputs | None = None) -> list[str]:
     """Canonical names of the selected parameters, in ``model.named_parameters()`` order.
 
     ``"all"``: every parameter with ``requires_grad``; an int k: every such parameter of the last k layers
@@ -188,35 +235,60 @@ class _Tap(torch.autograd.Function):
         return g, None, None, None
 
 
+def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The layer's input: its first positional argument, or its first keyword argument (HF layers are
+    sometimes called as ``layer(input_ids=...)``)."""
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()), None)
+
+
 @dataclass
 class _Site:
-    """One layer with selected parameters: its calls' inputs until their output gradients arrive."""
+    """One layer with selected parameters: its calls' inputs until their output gradients arrive.
+
+    ``shared`` holds the attributes whose parameter is tied to another layer: their per-sample gradients
+    add up over layers before any square is taken, so they go to ``deferred`` instead of the reducer.
+    """
 
     name: str
     module: nn.Module
     handler: type[LayerGrads]
     names: dict[str, str]  # attribute -> canonical parameter name
+    shared: frozenset[str]
     batch_size: int
     reducer: Reducer
     anchor: torch.Tensor
+    deferred: dict[str, list[tuple[LayerGrads, str]]]
     calls: list[list[Any]] = field(default_factory=list)  # [input, output gradient or None, input version]
     received: int = 0
     disabled: str | None = None
 
-    def forward_hook(self, _m: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+    def forward_hook(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if self.disabled:
             return None
-        a = inputs[0] if inputs else None
+        a = _first_input(args, kwargs)
         B = self.batch_size
         if not (isinstance(a, torch.Tensor) and isinstance(output, torch.Tensor) and a.ndim >= 1
-                and output.ndim >= 1 and a.shape[0] == B and output.shape[0] == B):
-            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            self.disabled = (f"its first positional input / output is not a tensor with the batch ({B} samples) "
-                             f"in dimension 0 (input: {shape})")
-            self.calls.clear()
-            return None
+                and output.ndim >= 1):
+            return self._disable(f"its input / output is not a tensor (input: {type(a).__name__})")
+        if B > 1 and a.shape[0] == 1 and output.shape[0] == 1 and self.handler.broadcasts:
+            # One row shared by the whole batch (HF position ids are (1, T)): its output is broadcast against
+            # the batch downstream. Broadcasting it here instead gives each sample its own output gradient.
+            a = a.expand(B, *a.shape[1:])
+            output = output.expand(B, *output.shape[1:])
+        if a.shape[0] != B or output.shape[0] != B:
+            return self._disable(f"its input / output does not have the batch ({B} samples) in dimension 0 "
+                                 f"(input: {tuple(a.shape)}, output: {tuple(output.shape)})")
+        if (reason := self.handler.unsupported_call(self.module, a, output)) is not None:
+            return self._disable(reason)
         self.calls.append([a.detach(), None, a._version])
         return _Tap.apply(output, self.anchor, self, len(self.calls) - 1)
+
+    def _disable(self, reason: str) -> None:
+        self.disabled = reason
+        self.calls.clear()
+        return None
 
     def receive(self, index: int, g: torch.Tensor) -> None:
         if self.disabled:
@@ -237,61 +309,88 @@ class _Site:
                     "(e.g. ReLU(inplace=True) applied to a layer's input after the layer ran)."
                 )
         self.calls.clear()
-        if calls:
-            self.reducer.add_layer(self.handler(self.module, list(self.names), calls, self.batch_size), self.names)
+        if not calls:
+            return
+        own = {a: n for a, n in self.names.items() if a not in self.shared}
+        if own:
+            self.reducer.add_layer(self.handler(self.module, list(own), calls, self.batch_size), own)
+        if self.shared:
+            lg = self.handler(self.module, sorted(self.shared), calls, self.batch_size)
+            for attr in self.shared:
+                self.deferred.setdefault(self.names[attr], []).append((lg, attr))
 
 
-def plan_sites(model: nn.Module, names: Sequence[str], owners: dict[str, tuple[str, nn.Module, str]]
-               ) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-    """Split the selected parameters into fast-path layers (module name -> {attr: param name}) and the
-    torch.func fallback (param name -> reason)."""
-    shared = _shared_params(model)
-    named = dict(model.named_parameters())
+def plan_sites(model: nn.Module, names: Sequence[str], holders: dict[str, list[tuple[str, nn.Module, str]]]
+               ) -> tuple[dict[str, dict[str, str]], set[str], dict[str, str]]:
+    """Split the selected parameters into fast-path layers (module name -> {attr: param name}), the tied ones
+    among them (param names) and the torch.func fallback (param name -> reason)."""
     native: dict[str, dict[str, str]] = {}
+    tied: set[str] = set()
     fallback: dict[str, str] = {}
     for n in names:
-        mname, m, attr = owners[n]
-        cls = handler_for(m)
-        if id(named[n]) in shared:
-            fallback[n] = "the parameter is shared between several modules"
-        elif cls is None:
-            fallback[n] = f"no per-sample rule for {type(m).__name__}"
-        elif attr not in cls.attrs_supported:
-            fallback[n] = f"no per-sample rule for {type(m).__name__}.{attr}"
-        elif (reason := cls.unsupported_reason(m)) is not None:
-            fallback[n] = f"{type(m).__name__}: {reason}"
-        else:
+        reasons = []
+        for _, m, attr in holders[n]:
+            cls = handler_for(m)
+            if cls is None:
+                reasons.append(f"no per-sample rule for {type(m).__name__}")
+            elif attr not in cls.attrs_supported:
+                reasons.append(f"no per-sample rule for {type(m).__name__}.{attr}")
+            elif (reason := cls.unsupported_reason(m)) is not None:
+                reasons.append(f"{type(m).__name__}: {reason}")
+        if reasons:
+            fallback[n] = "; ".join(dict.fromkeys(reasons))
+            continue
+        for mname, _, attr in holders[n]:
             native.setdefault(mname, {})[attr] = n
-    return native, fallback
+        if len(holders[n]) > 1:
+            tied.add(n)
+    return native, tied, fallback
 
 
-def warn_fallback(fallback: dict[str, str], owners: dict[str, tuple[str, nn.Module, str]]) -> None:
+def warn_fallback(fallback: dict[str, str], holders: dict[str, list[tuple[str, nn.Module, str]]]) -> None:
     by_layer: dict[str, list[str]] = {}
     for n, reason in fallback.items():
-        by_layer.setdefault(f"{owners[n][0] or '<model>'} ({reason})", []).append(n)
+        by_layer.setdefault(f"{holders[n][0][0] or '<model>'} ({reason})", []).append(n)
     desc = "; ".join(f"layer {k}: {v}" for k, v in by_layer.items())
     warnings.warn(
         f"gradood.grads: using the slower torch.func per-sample path (vmap over samples, memory ~ samples x "
         f"parameters) for {desc}.", FallbackWarning, stacklevel=4)
 
 
-def run_pass(model: nn.Module, x: torch.Tensor, loss_fn: Loss, names: Sequence[str], reducer: Reducer) -> Any:
+def _reduce_tied(deferred: dict[str, list[tuple[LayerGrads, str]]], B: int, reducer: Reducer) -> None:
+    """A tied parameter's per-sample gradient is the sum over the layers holding it: materialised per chunk of
+    samples (sum of each layer's rule), then reduced like any materialised gradient."""
+    for name, parts in deferred.items():
+        P = parts[0][0].numel(parts[0][1])
+        for rows in row_chunks(B, P):
+            total = None
+            for lg, attr in parts:
+                m = lg.materialize_param(attr, rows)
+                total = m if total is None else total + m
+            reducer.add_materialized(rows, {name: total})
+
+
+def run_pass(model: nn.Module, x: Inputs, loss_fn: Loss, names: Sequence[str], reducer: Reducer) -> Any:
     """One forward and one backward feeding ``reducer``; fallback parameters afterwards. Returns the output."""
-    B = x.shape[0]
-    owners = _direct_params(model)
-    native, fallback = plan_sites(model, names, owners)
+    B = batch_size(x)
+    holders = _holders(model)
+    native, tied, fallback = plan_sites(model, names, holders)
     if fallback:
-        warn_fallback(fallback, owners)
-    dtype, _ = model_dtype_device(model)
-    anchor = torch.zeros((), dtype=dtype, device=x.device, requires_grad=True)
+        warn_fallback(fallback, holders)
+    dtype, device = model_dtype_device(model)
+    anchor = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+    modules = dict(model.named_modules())
+    deferred: dict[str, list[tuple[LayerGrads, str]]] = {}
     sites = []
     for mname, attrs in native.items():
-        module = owners[next(iter(attrs.values()))][1]
-        sites.append(_Site(mname, module, handler_for(module), attrs, B, reducer, anchor))  # type: ignore[arg-type]
-    handles = [s.module.register_forward_hook(s.forward_hook) for s in sites]
+        module = modules[mname]
+        shared = frozenset(a for a, n in attrs.items() if n in tied)
+        sites.append(_Site(mname, module, handler_for(module), attrs, shared, B, reducer, anchor,  # type: ignore[arg-type]
+                           deferred))
+    handles = [s.module.register_forward_hook(s.forward_hook, with_kwargs=True) for s in sites]
     try:
         with torch.enable_grad():
-            out = model(x)
+            out = call_model(model, x)
             losses = check_losses(loss_fn(out), B)
             if losses.requires_grad and any(s.calls for s in sites):
                 torch.autograd.grad(losses.sum(), [anchor], allow_unused=True)
@@ -305,8 +404,9 @@ def run_pass(model: nn.Module, x: torch.Tensor, loss_fn: Loss, names: Sequence[s
         else:
             s.flush()
     if late:
-        warn_fallback(late, owners)
+        warn_fallback(late, holders)
         fallback.update(late)
+    _reduce_tied({n: parts for n, parts in deferred.items() if n not in fallback}, B, reducer)
     if fallback:
         for rows, grads in func_per_sample_grads(model, x, loss_fn, list(fallback)):
             reducer.add_materialized(rows, grads)
@@ -314,22 +414,54 @@ def run_pass(model: nn.Module, x: torch.Tensor, loss_fn: Loss, names: Sequence[s
 
 
 # ---------------------------------------------------------------------------------------------- torch.func
-def func_per_sample_grads(model: nn.Module, x: torch.Tensor, loss_fn: Loss, names: Sequence[str],
+def func_per_sample_grads(model: nn.Module, x: Inputs, loss_fn: Loss, names: Sequence[str],
                           budget: int | None = None) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
     """Per-sample gradients of the named parameters by ``functional_call`` + ``vmap(grad)``, in chunks of
-    samples: yields ``(rows, {name: (rows, P)})``."""
+    samples: yields ``(rows, {name: (rows, P)})``.
+
+    Models whose forward branches on tensor values (HuggingFace attention inspects the attention mask)
+    cannot be vmapped; they get one backward per sample instead, with a :class:`FallbackWarning`.
+    """
     named = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     fixed = {n: p.detach() for n, p in named.items() if n not in names}
     selected = {n: named[n].detach() for n in names}
 
-    def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, ({**fixed, **p}, buffers), (xi.unsqueeze(0),))
+    def loss_one(p: dict[str, torch.Tensor], xi: Inputs) -> torch.Tensor:
+        xb = {k: v.unsqueeze(0) for k, v in xi.items()} if isinstance(xi, dict) else (xi.unsqueeze(0),)
+        args, kwargs = ((), xb) if isinstance(xb, dict) else (xb, None)
+        out = functional_call(model, ({**fixed, **p}, buffers), args, kwargs)
         return check_losses(loss_fn(out), 1)[0]
 
     per_sample = vmap(grad(loss_one), in_dims=(None, 0))
     P = sum(p.numel() for p in selected.values())
-    for rows in row_chunks(x.shape[0], P, budget):
-        with torch.enable_grad():
-            gs = per_sample(selected, x[rows])
+    looping = False
+    for rows in row_chunks(batch_size(x), P, budget):
+        if not looping:
+            try:
+                with torch.enable_grad():
+                    gs = per_sample(selected, take_rows(x, rows))
+            except RuntimeError as e:
+                if "vmap" not in str(e):
+                    raise
+                looping = True
+                warnings.warn(f"gradood.grads: torch.func cannot vmap this model ({str(e).splitlines()[0][:120]}"
+                              "...); computing the fallback parameters' gradients one sample at a time.",
+                              FallbackWarning, stacklevel=4)
+        if looping:
+            gs = loop_per_sample_grads(model, take_rows(x, rows), loss_fn, names)
         yield rows, {n: g.detach().reshape(g.shape[0], -1) for n, g in gs.items()}
+
+
+def loop_per_sample_grads(model: nn.Module, x: Inputs, loss_fn: Loss, names: Sequence[str]
+                          ) -> dict[str, torch.Tensor]:
+    """Per-sample gradients by one forward + backward per sample (batch size 1): ``{name: (B, *shape)}``."""
+    named = dict(model.named_parameters())
+    ps = [named[n] for n in names]
+    rows: list[list[torch.Tensor]] = []
+    with torch.enable_grad():
+        for i in range(batch_size(x)):
+            loss = check_losses(loss_fn(call_model(model, take_rows(x, slice(i, i + 1)))), 1)[0]
+            gs = torch.autograd.grad(loss, ps, allow_unused=True)
+            rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(ps, gs)])
+    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(names)}

@@ -82,6 +82,9 @@ class LayerGrads:
     """
 
     attrs_supported: ClassVar[frozenset[str]] = frozenset()
+    #: A call on one row shared by the batch (input and output with first dimension 1, e.g. HF position ids)
+    #: may be broadcast to the batch: true for lookups whose output is added to per-sample activations.
+    broadcasts: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module, attrs: Sequence[str], calls: Sequence[Call], batch_size: int) -> None:
         self.module = module
@@ -97,12 +100,21 @@ class LayerGrads:
         """Why this module (though of a supported type) cannot use the fast path, or None."""
         return None
 
+    @classmethod
+    def unsupported_call(cls, module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> str | None:
+        """Why one call of the module (its input and output) cannot use the fast path, or None."""
+        return None
+
     def _prepare(self, calls: list[Call]) -> None:
         raise NotImplementedError
 
     def materialize(self, attr: str, rows: slice) -> torch.Tensor:
         """Per-sample gradients of parameter ``attr`` for samples ``rows``: ``(rows, P)``."""
         raise NotImplementedError
+
+    def materialize_param(self, attr: str, rows: slice) -> torch.Tensor:
+        """:meth:`materialize` in the parameter's own element order (what the engine's callers index by)."""
+        return self.materialize(attr, rows)
 
     # ------------------------------------------------------------------ helpers
     def numel(self, attr: str) -> int:
@@ -254,8 +266,11 @@ class LinearGrads(LayerGrads):
 
     attrs_supported = frozenset({"weight", "bias"})
 
+    def _in_out(self) -> tuple[int, int]:
+        return self.module.in_features, self.module.out_features
+
     def _prepare(self, calls: list[Call]) -> None:
-        I, O = self.module.in_features, self.module.out_features
+        I, O = self._in_out()
         a = [c[0].reshape(self.B, -1, I) for c in calls]
         g = [c[1].reshape(self.B, -1, O) for c in calls]
         # Repeated calls of one layer add their gradients: as extra positions they are exactly that.
@@ -328,6 +343,45 @@ class LinearGrads(LayerGrads):
             return super()._moments(attr)
         a, g = self.a[:, 0], self.g[:, 0]
         return (g.T @ a).reshape(-1), ((g * g).T @ (a * a)).reshape(-1)
+
+
+class TransposedLinearGrads(LinearGrads):
+    """transformers' ``Conv1D`` (GPT-2's attention and MLP layers): ``y = x W + b`` with ``W`` stored
+    ``in x out``, i.e. a Linear layer with a transposed weight. The Linear rules run in ``out x in`` order;
+    directions are transposed on the way in and results on the way out."""
+
+    def _in_out(self) -> tuple[int, int]:
+        return self.module.nx, self.module.nf
+
+    def _to_linear(self, V: torch.Tensor) -> torch.Tensor:
+        """``(I*O, K)`` rows in the stored (in, out) order -> ``(O*I, K)`` in Linear's (out, in) order."""
+        return V.reshape(self.I, self.O, -1).transpose(0, 1).reshape(self.O * self.I, -1)
+
+    def _from_linear(self, R: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_to_linear` (also for ``(O*I,)`` vectors)."""
+        return R.reshape(self.O, self.I, -1).transpose(0, 1).reshape(R.shape)
+
+    def materialize_param(self, attr: str, rows: slice) -> torch.Tensor:
+        m = self.materialize(attr, rows)
+        if attr == "bias":
+            return m
+        return m.reshape(-1, self.O, self.I).transpose(1, 2).reshape(m.shape)
+
+    def _project(self, attr: str, V: torch.Tensor) -> torch.Tensor:
+        return super()._project(attr, V if attr == "bias" else self._to_linear(V))
+
+    def _weighted_sum(self, attr: str, w: torch.Tensor) -> torch.Tensor:
+        r = super()._weighted_sum(attr, w)
+        return r if attr == "bias" else self._from_linear(r)
+
+    def _moments(self, attr: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s, ss = super()._moments(attr)
+        return (s, ss) if attr == "bias" else (self._from_linear(s), self._from_linear(ss))
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    t = type(module)
+    return t.__name__ == "Conv1D" and t.__module__ == "transformers.pytorch_utils"
 
 
 # ---------------------------------------------------------------------------------------------- convolution
@@ -573,6 +627,7 @@ class EmbeddingGrads(LayerGrads):
     """
 
     attrs_supported = frozenset({"weight"})
+    broadcasts = True
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
@@ -634,6 +689,38 @@ class EmbeddingGrads(LayerGrads):
         return s.reshape(-1), ss.reshape(-1)
 
 
+# ---------------------------------------------------------------------------------------------- token tables
+class ClsPositionGrads(_SmallGrads):
+    """HF ``ViTEmbeddings``: ``[cls_token; patches] + position_embeddings``, both parameters ``1 x ...``.
+
+    The output is ``cat(cls, patch_embeddings(x)) + pos`` (dropout is the identity in eval mode; a masked
+    patch is replaced before the sum), so a sample's gradient of ``position_embeddings`` is its whole output
+    gradient and that of ``cls_token`` the output gradient at position 0. The patch projection is a Conv2d
+    with its own rule. Interpolated position encodings (other image sizes) fall back.
+    """
+
+    attrs_supported = frozenset({"cls_token", "position_embeddings"})
+
+    @classmethod
+    def unsupported_call(cls, module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> str | None:
+        if tuple(output.shape[1:]) != tuple(module.position_embeddings.shape[1:]):
+            return "position embeddings interpolated to another image size"
+        return None
+
+    def _per_sample(self, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        if "cls_token" in self.attrs:
+            out["cls_token"] = g[:, 0].reshape(g.shape[0], -1)
+        if "position_embeddings" in self.attrs:
+            out["position_embeddings"] = g.reshape(g.shape[0], -1)
+        return out
+
+
+def _is_hf_vit_embeddings(module: nn.Module) -> bool:
+    t = type(module)
+    return t.__name__ == "ViTEmbeddings" and t.__module__ == "transformers.models.vit.modeling_vit"
+
+
 # ---------------------------------------------------------------------------------------------- registry
 def handler_for(module: nn.Module) -> type[LayerGrads] | None:
     """The fast-path class for a module, or None when only the torch.func fallback applies."""
@@ -656,9 +743,15 @@ def handler_for(module: nn.Module) -> type[LayerGrads] | None:
         return LayerNormGrads
     if forward_is(module, nn.Embedding):
         return EmbeddingGrads
+    # transformers classes by exact name and module (never imported here: transformers is optional)
+    if _is_hf_conv1d(module):
+        return TransposedLinearGrads
+    if _is_hf_vit_embeddings(module):
+        return ClsPositionGrads
     return None
 
 
 #: Layers with a native (factored, exact) per-sample rule; anything else uses the torch.func fallback.
 NATIVE_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d/2d/3d (eval)", "GroupNorm",
-                 "InstanceNorm1d/2d/3d", "LayerNorm", "RMSNorm", "Embedding")
+                 "InstanceNorm1d/2d/3d", "LayerNorm", "RMSNorm", "Embedding", "transformers Conv1D (GPT-2)",
+                 "transformers ViTEmbeddings (cls token, position table)")

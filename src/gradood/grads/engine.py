@@ -6,7 +6,9 @@ from its input activations and the gradient w.r.t. its output (see :mod:`._layer
 and :mod:`._capture` for the pass), so a batch costs about one training step.
 
 All functions take ``loss_fn`` mapping the model output (``B x C``) to per-sample losses ``(B,)``; the
-per-sample gradient of sample i is the gradient of ``loss_i``. The model must be in eval mode. ``params``
+per-sample gradient of sample i is the gradient of ``loss_i``, which must depend on sample i's output only
+(layers without a native rule call ``loss_fn`` on one-sample outputs). The model must be in eval mode. ``x`` is a batch tensor or a dict of
+equal-length tensors (a tokenizer's ``BatchEncoding``; the model is called as ``model(**x)``). ``params``
 selects the parameters: ``"all"`` (every parameter with ``requires_grad``), an int k (the last k layers
 that own parameters, in forward order) or a list of parameter names.
 """
@@ -21,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
-from ._capture import (Loss, check_eval_mode, check_losses, model_dtype_device, prepare_input, resolve_params,
-                       run_pass)
+from ._capture import (Loss, batch_size, check_eval_mode, check_losses, model_dtype_device, prepare_input,
+                       resolve_params, run_pass)
 from ._layers import LayerGrads, row_sqnorms
 from .basis import GradBasis, Tensors
 
@@ -88,7 +90,7 @@ class _WeightedSums(_Accumulate):
             self._add(n, (g.T @ self.w[rows],))
 
 
-def _start(model: nn.Module, x: Any) -> tuple[torch.Tensor, torch.dtype, torch.device]:
+def _start(model: nn.Module, x: Any) -> tuple[Any, torch.dtype, torch.device]:
     check_eval_mode(model)
     x = prepare_input(model, x)
     dtype, device = model_dtype_device(model)
@@ -105,7 +107,7 @@ def per_sample_grad_sqnorms(model: nn.Module, x: torch.Tensor, loss_fn: Loss, *,
     """
     x, dtype, device = _start(model, x)
     names = resolve_params(model, params, x)
-    red = _SqNorms(x.shape[0], dtype, device)
+    red = _SqNorms(batch_size(x), dtype, device)
     out = run_pass(model, x, loss_fn, names, red)
     return (red.total, out) if return_output else red.total
 
@@ -125,7 +127,7 @@ def per_sample_grad_projections(model: nn.Module, x: torch.Tensor, loss_fn: Loss
     x, dtype, device = _start(model, x)
     basis.check_model(model)
     dirs, offset = basis.folded(dtype, device, center, scale)
-    red = _Projections(x.shape[0], dirs, offset)
+    red = _Projections(batch_size(x), dirs, offset)
     out = run_pass(model, x, loss_fn, [n for n, _ in model.named_parameters() if n in dirs], red)
     return (red.total, out) if return_output else red.total
 
@@ -182,8 +184,8 @@ class GradMoments:
             raise InputError("no samples were accumulated into these gradient moments.")
 
 
-def _batches(data: Any) -> Iterable[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
+def _batches(data: Any) -> Iterable[Any]:
+    if isinstance(data, (torch.Tensor, Mapping)):  # one batch: a tensor or a dict of tensors
         yield data
         return
     for b in data:
@@ -221,7 +223,7 @@ def grad_moments(model: nn.Module, data: Any, loss_fn: Loss, *, params: Any = "a
         _accumulators(model, names, mom.sumsq, (), acc_dtype, device)
         flat = {n: [mom.sum[n].view(-1), mom.sumsq[n].view(-1)] for n in names}
         run_pass(model, x, loss_fn, names, _Moments(flat))
-        mom.count += x.shape[0]
+        mom.count += batch_size(x)
     return mom
 
 
@@ -233,7 +235,7 @@ def weighted_grad_sums(model: nn.Module, x: torch.Tensor, loss_fn: Loss, weights
     labels it gives per-class gradient sums. ``into`` (a previous result) accumulates across batches.
     """
     x, dtype, device = _start(model, x)
-    B = x.shape[0]
+    B = batch_size(x)
     if not isinstance(weights, torch.Tensor) or weights.ndim != 2 or weights.shape[0] != B:
         raise InputError(f"weights must be a B x K tensor with B = {B} samples; got "
                          f"{tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__}.")
@@ -251,6 +253,9 @@ def input_gradient(model: nn.Module, x: torch.Tensor, loss_fn: Loss, *, return_o
                    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """``d sum_i loss_i / d x`` for a whole batch: row i is sample i's own input gradient (eval mode)."""
     x, _, _ = _start(model, x)
+    if isinstance(x, dict):
+        raise InputError("input gradients need one floating-point input tensor; for token inputs pass the "
+                         "embeddings (e.g. {'inputs_embeds': ...}) through a model that takes them positionally.")
     if not x.is_floating_point():
         raise InputError(f"input gradients need floating-point inputs, got {x.dtype}.")
     xg = x.requires_grad_(True)
