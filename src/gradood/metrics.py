@@ -75,7 +75,7 @@ from .errors import InputError
 
 __all__ = [
     "auroc", "fpr_at_tpr", "fpr95", "fpr80", "aupr_in", "aupr_out", "detection_error", "roc_curve",
-    "bootstrap_ci", "evaluate", "METRIC_KEYS",
+    "bootstrap_ci", "evaluate", "METRIC_KEYS", "OODMetrics",
 ]
 
 #: keys of :func:`evaluate`, in table order
@@ -393,3 +393,84 @@ def evaluate(scores_id: Any, scores_ood: Any, *, bootstrap: int = 0, seed: int =
         for key in kernels:
             out[f"{key}_ci"] = _interval(np.concatenate(stats[key]), level)
     return out
+
+
+# ------------------------------------------------------------------------------------ streaming metrics
+class OODMetrics:
+    """Metrics accumulated batch by batch: ``update(scores, is_id)`` any number of times, then ``compute()``,
+    which returns exactly :func:`evaluate`'s numbers on all ID and all OOD scores seen (without bootstrap).
+
+    Memory is O(number of distinct score values): the scores are folded into per-value ID/OOD counts (the
+    only thing every metric depends on, see the module docstring) every ``compact_every`` samples, so tied
+    or quantised scores cost nothing and continuous ones cost one float64 and two counts each. Scores follow
+    gradood's convention (higher = more ID)::
+
+        m = OODMetrics()
+        for x, is_id in loader:
+            m.update(detector.score(probe.signals(x)), is_id)
+        m.compute()   # {'auroc': ..., 'fpr95': ..., ...}
+    """
+
+    def __init__(self, compact_every: int = 1_000_000) -> None:
+        if isinstance(compact_every, bool) or not isinstance(compact_every, (int, np.integer)) or compact_every < 1:
+            raise InputError(f"compact_every must be a positive integer, got {compact_every!r}")
+        self.compact_every = int(compact_every)
+        self.reset()
+
+    def reset(self) -> "OODMetrics":
+        """Forget every score seen."""
+        self._values = np.empty(0, dtype=np.float64)  # distinct values, ascending
+        self._c_id = np.empty(0, dtype=np.int64)
+        self._c_ood = np.empty(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._n_pending = 0
+        return self
+
+    def update(self, scores: Any, is_id: Any) -> "OODMetrics":
+        """Add a batch: ``scores`` 1-D (higher = more ID); ``is_id`` one bool per score, or a single bool for the
+        whole batch (True = in-distribution)."""
+        s = _as_scores(scores, "scores")
+        flags = np.asarray(is_id.detach().cpu().numpy() if hasattr(is_id, "detach") else is_id)
+        if flags.ndim == 0:
+            flags = np.full(s.size, flags)
+        if flags.shape != s.shape:
+            raise InputError(f"is_id has shape {flags.shape} but scores have {s.shape}: pass one flag per score "
+                             "(True = in-distribution) or a single bool for the whole batch")
+        if flags.dtype != np.bool_:
+            if flags.dtype.kind not in "iu" or not np.isin(flags, (0, 1)).all():
+                raise InputError(f"is_id must be booleans (or 0/1), got dtype {flags.dtype} with values "
+                                 f"{np.unique(flags)[:5]}")
+            flags = flags.astype(bool)
+        self._pending.append((s, flags))
+        self._n_pending += s.size
+        if self._n_pending >= self.compact_every:
+            self._compact()
+        return self
+
+    def _compact(self) -> None:
+        if not self._pending:
+            return
+        s = np.concatenate([self._values] + [p[0] for p in self._pending])
+        w_id = np.concatenate([self._c_id] + [p[1].astype(np.int64) for p in self._pending])
+        w_ood = np.concatenate([self._c_ood] + [(~p[1]).astype(np.int64) for p in self._pending])
+        values, inverse = np.unique(s, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        self._values = values
+        self._c_id = np.bincount(inverse, weights=w_id, minlength=values.size).astype(np.int64)
+        self._c_ood = np.bincount(inverse, weights=w_ood, minlength=values.size).astype(np.int64)
+        self._pending, self._n_pending = [], 0
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """``(n_id, n_ood)`` seen so far."""
+        self._compact()
+        return int(self._c_id.sum()), int(self._c_ood.sum())
+
+    def compute(self) -> dict[str, float]:
+        """:func:`evaluate`'s metrics (fractions in [0, 1]) over everything passed to :meth:`update`."""
+        n_id, n_ood = self.counts
+        if n_id == 0 or n_ood == 0:
+            raise InputError(f"OODMetrics has seen {n_id} ID and {n_ood} OOD scores; metrics need at least one of "
+                             "each (pass is_id=True for in-distribution batches, False for OOD ones)")
+        curve = _Curve(self._c_id[::-1], self._c_ood[::-1])  # descending, as _tally orders them
+        return {key: float(_KERNELS[fn][0](curve, **_KERNELS[fn][1])) for key, fn in _EVALUATE.items()}

@@ -349,9 +349,10 @@ class Probe:
                     f"unknown layer {t!r}: taps must name modules of the model, e.g. "
                     f"{[n for n in self._modules if n][:8]}..."
                 )
-            # a clone: a later in-place op (x += identity, ReLU(inplace)) must not change what was captured
+            # a clone (differentiable, so also with grad=True): a later in-place op (x += identity,
+            # ReLU(inplace)) must not change what was captured
             handles.append(self._modules[t].register_forward_hook(
-                lambda _m, _i, o, n=t: captured.__setitem__(("tap", n), o if grad else o.clone())))
+                lambda _m, _i, o, n=t: captured.__setitem__(("tap", n), o.clone())))
         try:
             with self.eval_mode(), torch.set_grad_enabled(grad):
                 out = self._run_model(x)

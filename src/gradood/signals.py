@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import _passes
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -359,17 +360,19 @@ class Signals:
         partial = self._partial_dir(keys)
         start = self._resume(partial, chunks, label_chunks) if partial is not None else 0
         has_labels: bool | None = None if not label_chunks else True
+        share = _passes.any_shares_input_grad(requests)  # perturbations reuse this pass's graph (_passes)
         since_save = start
         bar = tqdm(total=self.source.num_batches, initial=start, desc=f"signals {self.name}", unit="batch",
                    disable=not self.progress, leave=False, dynamic_ncols=True)
         b = start - 1
         try:
             for b, (x, y) in enumerate(self.source.iter_batches(start_batch=start), start=start):
-                out = self.probe.forward(x, taps, batch_index=b)
+                out = self.probe.forward(_passes.grad_leaf(self.probe, x, b) if share else x, taps, batch_index=b,
+                                         grad=share)
                 batch = ProbeBatch(x=out.x, y=y, logits=out.logits,
                                    features=out.features, taps=out.taps, probe=self.probe, index=b)
                 for r in requests:
-                    v = r.compute(batch)
+                    v = r.compute(_passes.batch_for(r, batch, share))
                     if v.shape[0] != out.logits.shape[0]:
                         raise RuntimeError(f"request {r.key} returned {v.shape[0]} rows for a batch of "
                                            f"{out.logits.shape[0]}")

@@ -22,13 +22,14 @@ from typing import Any, Callable, ClassVar, Sequence, TypeVar
 import numpy as np
 import torch
 
+from ..deploy._mixin import DeployMixin
 from ..errors import ConfigError, InputError, NotFittedError, TuningDataError
 from ..signals import FEATURES, LOGITS, Request, Signals
 
 D = TypeVar("D", bound="Detector")
 
 
-class Detector:
+class Detector(DeployMixin):
     """Base class. Subclasses implement ``requests`` (signals needed to score), optionally ``_fit``, and
     ``_score`` (a torch tensor of shape ``(N,)``, higher = more ID)."""
 
@@ -103,6 +104,7 @@ class Detector:
         id_signals.require(self.fit_requests())
         self._record_shapes(id_signals)
         self._fit(id_signals, ood_val=ood_val, id_val=id_val)
+        self._after_fit(id_signals)  # model contract for save/load (gradood.deploy)
         self.fitted_ = True
         return self
 
@@ -117,6 +119,7 @@ class Detector:
         """One score per sample, float64 numpy array, higher = more in-distribution."""
         _check_signals(signals, "signals")
         self._check_fitted()
+        self._check_contract(signals)  # a loaded detector refuses another model's signals
         signals.require(self.requests())
         self._check_shapes(signals)
         s = self._score(signals)

@@ -11,7 +11,8 @@ import torch
 from ..errors import ConfigError, InputError
 from ..signals import ProbeBatch, Request, Signals, tensor_digest
 from ._ensemble import LayerCombiner, check_combine, select_on_halves
-from ._perturb import check_eps, check_grid, input_grad, step
+from .._passes import batch_input_grad
+from ._perturb import check_eps, check_grid, step
 from .base import Detector, check_choice, check_open_fraction, register, register_variant
 
 #: the official code's epsilon grid (the paper's is 0 to 0.2 in steps of 0.01)
@@ -47,6 +48,11 @@ class SingularityDistances(Request):
     def key(self) -> str:
         return f"fssd:{','.join(self.layers)}:{tensor_digest(*self.centers)}:eps={self.eps:g}:{self.mode}"
 
+    @property
+    def shares_input_grad(self) -> bool:
+        """With eps > 0 the input gradients come from the pass's shared forward (one forward fewer)."""
+        return self.eps > 0
+
     def compute(self, batch: ProbeBatch) -> torch.Tensor:
         cols = []
         for layer, c in zip(self.layers, self.centers):
@@ -61,9 +67,9 @@ class SingularityDistances(Request):
     def _perturbed(self, batch: ProbeBatch, layer: str, c: torch.Tensor) -> torch.Tensor:
         dist = lambda _f, taps: (flat(taps[layer]) - c.to(taps[layer].device, taps[layer].dtype)).norm(dim=1)  # noqa: E731
         if self.mode == "paper":
-            g = input_grad(batch.probe, batch.x, dist, taps=(layer,))
+            g = batch_input_grad(batch, dist, taps=(layer,))
             return step(batch.probe, batch.x, g, self.eps, direction=+1.0)
-        g = input_grad(batch.probe, batch.x, lambda f, t: -dist(f, t) / batch.x.shape[0], taps=(layer,))
+        g = batch_input_grad(batch, lambda f, t: -dist(f, t) / batch.x.shape[0], taps=(layer,))
         g = (g - g.mean()) / g.std().clamp_min(1e-12)
         from ..probe import input_step_scale
 

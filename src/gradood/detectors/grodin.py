@@ -18,7 +18,8 @@ import torch
 from ..errors import ConfigError
 from ..grads import per_sample_grad_sqnorms
 from ..signals import FEATURES, LOGITS, ProbeBatch, Request, Signals
-from ._perturb import check_eps, check_grid, input_grad, pred_ce, step
+from .._passes import batch_input_grad
+from ._perturb import check_eps, check_grid, pred_ce, step
 from .base import Detector, check_choice, check_positive, register, register_variant
 from .odin import ODIN_EPSILONS, ODIN_TEMPERATURES, grid_auroc
 
@@ -53,13 +54,18 @@ class GrodinStats(Request):
         scope = "head" if self.last_layer else _params_key(self.params)
         return (f"grodin:{scope}:T={list(self.temperatures)}:eps={[round(e, 8) for e in self.epsilons]}")
 
+    @property
+    def shares_input_grad(self) -> bool:
+        """With eps > 0 the input gradient comes from the pass's shared forward (2 forwards per batch, not 3)."""
+        return any(e > 0 for e in self.epsilons)
+
     def compute(self, batch: ProbeBatch) -> torch.Tensor:
         cols = []
         for T in self.temperatures:
             g = None
             for eps in self.epsilons:
                 if eps > 0 and g is None:
-                    g = input_grad(batch.probe, batch.x, lambda f, _t, T=T: pred_ce(f, T))
+                    g = batch_input_grad(batch, lambda f, _t, T=T: pred_ce(f, T))
                 x = batch.x if eps == 0 else step(batch.probe, batch.x, g, eps, direction=-1.0)
                 s, sq = self._stats(batch, x, T, eps)
                 cols += [s, sq]

@@ -10,6 +10,7 @@ import torch
 from ..errors import InputError
 from ..signals import FEATURES, ProbeBatch, Request, Signals, Tap, tensor_digest
 from ._ensemble import LayerCombiner, check_combine, select_on_halves
+from .._passes import batch_input_grad
 from ._perturb import check_eps, check_grid, input_grad, pred_ce, step
 from .base import Detector, check_choice, check_open_fraction, register, register_variant
 
@@ -127,10 +128,15 @@ class MahalanobisScores(Request):
         digest = tensor_digest(*[t for g in self.gaussians for t in (g.means, g.precision)])
         return f"mahalanobis:{','.join(self.layers)}:{digest}:eps={self.eps:g}:fgsm={self.fgsm_step:g}"
 
+    @property
+    def shares_input_grad(self) -> bool:
+        """Input gradients at the unperturbed input come from the pass's shared forward (one forward fewer)."""
+        return self.eps > 0 or self.fgsm_step > 0
+
     def compute(self, batch: ProbeBatch) -> torch.Tensor:
         probe, x, taps = batch.probe, batch.x, batch.taps
         if self.fgsm_step > 0:
-            g = input_grad(probe, x, lambda f, _t: pred_ce(f, 1.0))
+            g = batch_input_grad(batch, lambda f, _t: pred_ce(f, 1.0))
             x = step(probe, x, g, self.fgsm_step, direction=+1.0)
             taps = probe.forward(x, self.layers, validate=False).taps
         cols = []
@@ -139,7 +145,8 @@ class MahalanobisScores(Request):
                 f = spatial_mean(taps[layer])
             else:
                 dist = lambda _f, t, L=layer, G=gauss: 0.5 * closest_class_sqdist(G, spatial_mean(t[L]))  # noqa: E731
-                g = input_grad(probe, x, dist, taps=(layer,))
+                g = (batch_input_grad(batch, dist, taps=(layer,)) if self.fgsm_step == 0
+                     else input_grad(probe, x, dist, taps=(layer,)))  # at the FGSM input: a forward of its own
                 xp = step(probe, x, g, self.eps, direction=-1.0)
                 f = spatial_mean(probe.forward(xp, (layer,), validate=False).taps[layer])
             cols.append(-gauss.sqdists(f).amin(dim=1))

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from ..signals import ProbeBatch, Request, Signals
-from ._perturb import check_eps, check_grid, input_grad, pred_ce, step
+from .._passes import batch_input_grad
+from ._perturb import check_eps, check_grid, pred_ce, step
 from .base import Detector, check_positive, register, register_variant
 
 #: the original ODIN / GRODIN grid
@@ -29,6 +30,11 @@ class PerturbedMSP(Request):
     def key(self) -> str:
         return f"odin:T={list(self.temperatures)}:eps={[round(e, 8) for e in self.epsilons]}"
 
+    @property
+    def shares_input_grad(self) -> bool:
+        """With eps > 0 the input gradient comes from the pass's shared forward (2 forwards per batch, not 3)."""
+        return any(e > 0 for e in self.epsilons)
+
     def compute(self, batch: ProbeBatch) -> torch.Tensor:
         cols = []
         for T in self.temperatures:
@@ -38,7 +44,7 @@ class PerturbedMSP(Request):
                     logits = batch.logits
                 else:
                     if g is None:
-                        g = input_grad(batch.probe, batch.x, lambda f, _t, T=T: pred_ce(f, T))
+                        g = batch_input_grad(batch, lambda f, _t, T=T: pred_ce(f, T))
                     xp = step(batch.probe, batch.x, g, eps, direction=-1.0)
                     logits = batch.probe.forward(xp, validate=False).logits
                 cols.append(torch.softmax(logits.double() / T, dim=1).amax(dim=1))
