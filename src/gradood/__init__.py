@@ -17,6 +17,7 @@ from .errors import (ChecksumError, ConfigError, GradoodError, InputError, Model
                      OutputError, TuningDataError)
 from .probe import Probe
 from .signals import FEATURES, LOGITS, Request, Signals, Tap
+from .shared_pass import require_for, requests_for, signals_for
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ def __getattr__(name: str):  # gradood.Guard: the deployment wrapper (gradood.de
 
 __all__ = [
     "Probe", "Signals", "Request", "Tap", "LOGITS", "FEATURES", "Detector", "available", "create", "describe",
+    "signals_for", "require_for", "requests_for",
     "evaluate", "GradoodError", "InputError", "ConfigError", "ModelError", "NotFittedError", "ChecksumError",
     "TuningDataError", "OutputError", "load_detector", "Guard", "__version__",
 ]
