@@ -20,6 +20,7 @@ from PIL import Image
 
 from gradood import metrics
 from gradood.bench import report as R
+from gradood.bench import plots as P
 from gradood.bench.plots import detector_figure
 from gradood.errors import InputError
 
@@ -28,17 +29,20 @@ EVIL = 'evil <script>alert("x")</script> & $a$'
 
 
 def synthetic(n_models=2, detectors=("msp", "energy", "odin", EVIL), n=400, seed=0, boot=0):
-    """Random scores per (model, detector, OOD set) and their result rows; ``odin`` tunes on OOD."""
+    """Random scores per (model, detector, OOD set) and their result rows; ``odin`` tunes on OOD, so it has
+    ID scores per OOD set (``id::<ood set>``), like the bench runner's OOD-tuned detectors."""
     rng = np.random.default_rng(seed)
     results, scores = [], {}
     for mi in range(n_models):
         model, idd = f"resnet18-{mi}", "cifar10"
         for di, det in enumerate(detectors):
             s_id = rng.normal(1.0 + 0.3 * di, 1.0, n)
-            entry = {"id": s_id}
+            entry = {} if det == "odin" else {"id": s_id}
             for j, (o, grp) in enumerate(OODS):
                 s_ood = rng.normal(0.4 * j, 1.0, n // 2)
                 entry[o] = s_ood
+                if det == "odin":
+                    s_id = entry[f"id::{o}"] = rng.normal(1.0 + 0.3 * di + 0.1 * j, 1.0, n)
                 results.append(dict(model=model, id_dataset=idd, ood_set=o, ood_group=grp, detector=det,
                                     tunes_on_ood=det == "odin", **metrics.evaluate(s_id, s_ood, bootstrap=boot)))
             scores[(model, idd, det)] = entry
@@ -53,15 +57,18 @@ def row(det, ood="svhn", group="far", tuned=False, auroc=0.9, fpr95=0.3, **kw):
 
 
 class _Page(HTMLParser):
-    """Collects ids, local links, image sources and table-cell classes of a page."""
+    """Collects ids, local links, image sources and table cells ``[class, text, attrs, row's detector link]``."""
 
     def __init__(self):
         super().__init__()
         self.ids, self.hrefs, self.srcs, self.cells, self.text = set(), [], [], [], []
-        self._cell = None
+        self._cell, self._row_det, self._in_det_link = None, "", False
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        if tag == "tr":
+            self._row_det = ""
+        self._in_det_link = tag == "a" and a.get("href", "").startswith("#det-")
         if "id" in a:
             self.ids.add(a["id"])
         if "href" in a:
@@ -69,15 +76,19 @@ class _Page(HTMLParser):
         if tag in ("img", "script", "link") and "src" in a:
             self.srcs.append(a["src"])
         if tag == "td":
-            self._cell = [a.get("class", ""), ""]
+            self._cell = [a.get("class", ""), "", a, self._row_det]
             self.cells.append(self._cell)
 
     def handle_endtag(self, tag):
         if tag == "td":
             self._cell = None
+        if tag == "a":
+            self._in_det_link = False
 
     def handle_data(self, data):
         self.text.append(data)
+        if self._in_det_link:
+            self._row_det += data
         if self._cell is not None:
             self._cell[1] += data
 
@@ -145,7 +156,7 @@ def test_report_folder_is_self_contained(built):
     out, index, results, scores = built
     assert index == out / "index.html"
     page = _parse(index)
-    assert len(page.srcs) == len(scores)  # one figure per (model, id_dataset, detector)
+    assert len(page.srcs) == len(scores) + 2  # one figure per (model, id_dataset, detector) + 2 overviews
     for src in page.srcs:
         assert not re.match(r"^[a-z]+:", src) and not src.startswith("/"), src  # relative, local
         assert (out / src).is_file()
@@ -175,7 +186,7 @@ def test_tables_mark_tuned_and_best(built):
     # the synthetic data makes the last detector the best everywhere
     best = [c for c in page.cells if "best" in c[0].split()]
     n_cols = 3 + 1 + 1  # 3 OOD sets, near avg (2 near sets), avg; no far avg (a single far set)
-    assert len(best) == 2 * 2 * n_cols  # 2 models x (AUROC, FPR95) tables
+    assert len(best) == 2 * 2 * n_cols  # 2 models x (AUROC, FPR95) blocks
     evil_auroc = [r["auroc"] for r in results if r["detector"] == EVIL and r["model"] == "resnet18-0"]
     assert f"{100 * evil_auroc[0]:.2f}" in [c[1] for c in best]
 
@@ -188,7 +199,11 @@ def test_best_agnostic_when_tuned_detector_wins(tmp_path):
     best = [c[1] for c in page.cells if "best" in c[0].split()]
     agn = [c[1] for c in page.cells if "best-agnostic" in c[0].split()]
     assert best == ["99.00", "1.00"]
-    assert agn == ["95.00", "95.00", "20.00", "20.00"]  # ties at the shown precision are all marked
+    # rows sorted by AUROC (ties: FPR95, then name): odin, energy, tie, msp; ties at the shown precision all marked
+    assert agn == ["95.00", "20.00", "95.00", "20.00"]
+    verdict = re.sub(r"\s+", " ", (tmp_path / "index.html").read_text().split('<p class="verdict">')[1].split("</p>")[0])
+    assert '<strong class="pick">energy</strong>' in verdict and "Next: tie (95.00 %), msp (90.00 %)" in verdict
+    assert "OOD-tuned odin" in verdict
 
 
 def test_missing_scores_and_extra_ood_sets(tmp_path):
@@ -197,10 +212,10 @@ def test_missing_scores_and_extra_ood_sets(tmp_path):
     scores[("resnet18-0", "cifar10", "msp")]["extra-noise"] = np.random.default_rng(1).normal(size=50)
     R.write_report(tmp_path, results, scores)
     page = _parse(tmp_path / "index.html")
-    assert len(page.srcs) == 1
+    assert len(page.srcs) == 2 and "overview" in page.srcs[0]  # overview (msp only) + msp's figure
     assert "No scores were passed" in "".join(page.text)
-    with Image.open(tmp_path / page.srcs[0]) as im:
-        assert im.size[0] > 4 * im.size[1]  # 1 ROC + 4 histogram panels side by side
+    with Image.open(tmp_path / page.srcs[1]) as im:
+        assert im.size[0] > 1.5 * im.size[1]  # 1 ROC + 4 histogram panels: 4 columns, 2 rows
 
 
 def test_plots_false_and_no_scores(tmp_path):
@@ -214,16 +229,122 @@ def test_detector_figure_layouts():
     rng = np.random.default_rng(0)
     s_id = rng.normal(size=300)
     sizes = []
-    for k in (1, 4, 6, 1):  # reuses cached layouts; 6 OOD sets wrap to two rows
+    for k in (1, 3, 6, 1):  # 1 ROC + 6 histograms wrap to two rows of four
         png = detector_figure(s_id, {f"o{i}": rng.normal(size=100) for i in range(k)}, title="a $ b")
         with Image.open(io.BytesIO(png)) as im:
             sizes.append(im.size)
-    assert sizes[0] == sizes[3] and sizes[1][0] > sizes[0][0] and sizes[2][1] > sizes[1][1]
+    assert sizes[0] == sizes[3] and sizes[1][0] > sizes[0][0] and sizes[2][1] > 1.6 * sizes[1][1]
+    assert max(w for w, _ in sizes) <= P.MAX_WIDTH_PX  # never scaled down in the report
 
 
 def test_constant_scores_plot():
     png = detector_figure(np.zeros(10), {"same": np.zeros(5)})
     assert png.startswith(b"\x89PNG")
+
+
+# Detectors' scores differ by orders of magnitude (MSP in [0, 1], GradNorm ~1e3, Mahalanobis ~ -1e4): drawn one
+# after another, each figure must show its own scores. (The bug: a reused figure kept the previous detector's
+# data limits, and its y-range squashed the next detector's bars flat.)
+SCALES = (1e-3, 1.0, 1e3, 1e-2)
+
+
+def _detector_scores(rng, scale):
+    return rng.normal(0, scale, 500), {"a": rng.normal(2 * scale, scale, 300), "b": rng.normal(-scale, 2 * scale, 200)}
+
+
+def test_histograms_show_each_detectors_scores():
+    rng = np.random.default_rng(0)
+    for scale in SCALES:
+        s_id, oods = _detector_scores(rng, scale)
+        fig = P.draw_detector_figure(s_id, oods, title=f"scale {scale}")
+        panels = [(ax, {ln.get_gid(): ln for ln in ax.lines if ln.get_gid()}) for ax in fig.axes]
+        panels = [(ax, lines) for ax, lines in panels if lines]
+        assert len(panels) == len(oods)
+        for (ax, lines), (name, s_ood) in zip(panels, oods.items()):
+            edges = lines["hist-id"].get_xdata()
+            heights = []
+            for gid, s in (("hist-id", s_id), ("hist-ood", s_ood)):
+                assert np.mean((s >= edges[0]) & (s <= edges[-1])) >= 0.9, "x-range misses the scores"
+                counts, _ = np.histogram(s, bins=edges)
+                drawn = lines[gid].get_ydata()[:-1]  # steps-post: the last point repeats the last bar
+                np.testing.assert_allclose(drawn, counts / (s.size * np.diff(edges)), rtol=1e-12)
+                heights.append(drawn.max())
+            lo, hi = ax.get_ylim()
+            # the y-range covers the bars and is not much taller: the bars fill the panel
+            assert lo == 0 and max(heights) <= hi <= 1.25 * max(heights), (scale, name, hi, heights)
+
+
+def test_histogram_fills_are_drawn_in_the_png():
+    """The rendered image itself: each OOD set's bar fill covers a sizeable part of its panel."""
+    from matplotlib import colormaps
+
+    rng = np.random.default_rng(1)
+    fill = 255 - 0.35 * (255 - 255 * np.array(colormaps["tab10"](0)[:3]))  # OOD set 1's colour at alpha 0.35
+    for scale in SCALES:
+        s_id, oods = _detector_scores(rng, scale)
+        with Image.open(io.BytesIO(detector_figure(s_id, oods))) as im:
+            px = np.asarray(im.convert("RGB"), dtype=float)
+            dpi = im.info["dpi"][0] if "dpi" in im.info else P.DPI
+        n_fill = int((np.abs(px - fill).max(axis=2) <= 6).sum())
+        # drawn: about 0.45 dpi^2 of fill; squashed flat or off-range (the old bug): a few pixels
+        assert n_fill > 0.25 * dpi ** 2, (scale, n_fill)
+
+
+def _visible_texts(fig):
+    from matplotlib.text import Text
+
+    fig.canvas.draw()  # tick labels exist only after a draw
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()
+            and (t.axes is None or t.axes.get_visible())]
+
+
+def _overview_panels(rng, k=5, n=1000):
+    return {f"ood{j} (near)": [(f"det{i}", rng.normal(3 + 0.3 * i, 1, n), rng.normal(0, 1, n // 2))
+                               for i in range(k)] for j in range(3)}
+
+
+def test_figures_are_legible_at_the_report_width():
+    rng = np.random.default_rng(2)
+    assert P.FONT_PT * P.DPI / 72 >= 12  # 9 pt = 12 CSS px when an image is shown at its natural size
+    s_id, oods = _detector_scores(rng, 1.0)
+    figs = [P.draw_detector_figure(s_id, {**oods, "c": oods["a"], "d": oods["b"]}, title="m / d / det"),
+            P.draw_detector_figure(s_id, oods, log_fpr=True),
+            P.draw_overview_roc_figure(_overview_panels(rng)),
+            P.draw_overview_roc_figure(_overview_panels(rng), log_fpr=False)]
+    for fig in figs:
+        texts = _visible_texts(fig)
+        assert len(texts) > 10
+        small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < P.FONT_PT]
+        assert not small
+        assert fig.get_figwidth() * P.DPI <= P.MAX_WIDTH_PX + 0.5
+
+
+def test_roc_log_fpr_axis():
+    rng = np.random.default_rng(3)
+    panels = _overview_panels(rng, n=1000)  # 500 OOD samples: smallest non-zero FPR 2e-3, axis from 1e-3
+    fig = P.draw_overview_roc_figure(panels, log_fpr=True, dashed=["det1"])
+    for ax in fig.axes:
+        assert ax.get_xscale() == "log" and ax.get_xlim() == pytest.approx((1e-3, 1.0))
+        curves = [ln for ln in ax.lines if ln.get_label().startswith("det")]
+        assert len(curves) == 5 and min(ln.get_xdata().min() for ln in curves) == pytest.approx(1e-3)
+        assert [ln.get_linestyle() for ln in curves] == ["-", "--", "-", "-", "-"]
+    lin = P.draw_overview_roc_figure(panels, log_fpr=False)
+    assert all(ax.get_xscale() == "linear" and ax.get_xlim() == (0, 1) for ax in lin.axes)
+    s_id, oods = _detector_scores(rng, 1.0)
+    assert P.draw_detector_figure(s_id, oods).axes[0].get_xscale() == "linear"
+    assert P.draw_detector_figure(s_id, oods, log_fpr=True).axes[0].get_xscale() == "log"
+
+
+def test_per_ood_set_id_scores_of_tuned_detectors():
+    """An OOD-tuned detector scores ID data once per OOD set: each curve uses its own ID scores."""
+    rng = np.random.default_rng(4)
+    ids = {"a": rng.normal(3, 1, 400), "b": rng.normal(0, 1, 400)}
+    oods = {"a": rng.normal(0, 1, 200), "b": rng.normal(0, 1, 200)}
+    fig = P.draw_detector_figure(ids, oods)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == [f"{o} ({100 * metrics.auroc(ids[o], oods[o]):.1f})" for o in oods]
+    with pytest.raises(KeyError, match="no ID scores"):
+        P.draw_detector_figure({"a": ids["a"]}, oods)
 
 
 # ------------------------------------------------------------------------------------ atomic writes
@@ -284,7 +405,7 @@ def test_read_results_rejects_other_json(tmp_path):
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROME_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-               "--window-size=1300,1600"]
+               "--window-size=1400,1600"]
 
 
 @pytest.fixture(scope="module")
@@ -329,15 +450,67 @@ def http_root():
     server.server_close()
 
 
-def _check_page(driver, url, n_images, n_groups):
+# Opens every collapsed section, then lists rendered text below 12 px (9 pt) and images shown smaller than their
+# natural size (the figures' fonts are >= plots.FONT_PT at plots.DPI, i.e. >= 12.5 px at natural size).
+_LEGIBILITY_JS = """
+document.querySelectorAll('details').forEach(d => d.open = true);
+const small = [];
+for (const el of document.querySelectorAll('body *')) {
+  const own = Array.from(el.childNodes).some(n => n.nodeType === 3 && n.textContent.trim());
+  if (!own || el.getClientRects().length === 0) continue;
+  const px = parseFloat(getComputedStyle(el).fontSize);
+  if (px < 12) small.push([el.tagName, el.className, px, el.textContent.trim().slice(0, 40)]);
+}
+const shrunk = Array.from(document.images).filter(i => i.getBoundingClientRect().width < i.naturalWidth - 0.5)
+  .map(i => [i.getAttribute('src'), i.getBoundingClientRect().width, i.naturalWidth]);
+return [small, shrunk, window.innerWidth];
+"""
+
+_HEATMAP_JS = """
+return Array.from(document.querySelectorAll('table.heatmap td[data-metric]'), td => {
+  const t = td.closest('table'), tr = td.closest('tr');
+  return [t.dataset.model, t.dataset.idDataset, tr.querySelector('th.det a').textContent, td.dataset.ood || null,
+          td.dataset.mean || null, td.dataset.metric, td.dataset.value || null, td.innerText.trim()];
+});
+"""
+
+
+def _check_heatmap_cells(cells, results_json: Path):
+    """Every heatmap number equals results.json: per OOD set exactly, means as the mean of the rows."""
+    rows = json.loads(results_json.read_text())["results"]
+    exact = {(r["model"], r["id_dataset"], r["detector"], r["ood_set"], m): r[m] for r in rows for m in ("auroc", "fpr95")}
+    per_ood = [c for c in cells if c[3] is not None]
+    assert len(per_ood) == len(exact)  # every result shown once
+    for model, idd, det, ood, _, metric, value, text in per_ood:
+        v = exact[(model, idd, det, ood, metric)]
+        assert text == ("n/a" if v is None else f"{100 * v:.2f}"), (det, ood, metric)
+        assert value is None if v is None else float(value) == v
+    groups = {(r["model"], r["id_dataset"], r["ood_set"]): r["ood_group"] for r in rows}
+    for model, idd, det, _, mean, metric, value, text in (c for c in cells if c[4] is not None):
+        sets = [o for (m, i, o), g in groups.items() if m == model and i == idd and mean in ("all", g)]
+        v = np.mean([exact[(model, idd, det, o, metric)] for o in sets])
+        assert float(value) == pytest.approx(v, abs=1e-15) and text == f"{100 * v:.2f}"
+    # rows sorted by mean AUROC, best first
+    for key in {(c[0], c[1]) for c in cells}:
+        means = [float(c[6]) for c in cells if (c[0], c[1]) == key and c[4] == "all" and c[5] == "auroc"]
+        assert means == sorted(means, reverse=True) and len(means) > 1
+
+
+def _check_page(driver, url, out, n_images, n_groups):
     driver.get_log("browser")  # drop entries of earlier pages
     driver.get(url)
     assert driver.title == "gradood benchmark report"
     assert driver.find_element("tag name", "h1").text == "gradood benchmark report"
-    tables = driver.find_elements("css selector", "table.summary")
-    assert len(tables) == 2 * n_groups and all(t.is_displayed() for t in tables)
-    assert tables[0].find_elements("css selector", "tbody tr")[0].text.startswith("msp")
+    tables = driver.find_elements("css selector", "table.heatmap")
+    assert len(tables) == n_groups and all(t.is_displayed() for t in tables)
+    verdicts = driver.find_elements("css selector", "p.verdict")
+    assert len(verdicts) == n_groups and all(v.text.startswith("Best OOD-agnostic choice: ") for v in verdicts)
     assert driver.find_elements("css selector", "td.best")
+    _check_heatmap_cells(driver.execute_script(_HEATMAP_JS), out / "results.json")
+    small, shrunk, width = driver.execute_script(_LEGIBILITY_JS)
+    assert width == 1400
+    assert not small, f"text below 9 pt: {small}"
+    assert not shrunk, f"figures scaled down (their text would fall below 9 pt): {shrunk}"
     images = driver.execute_script(
         "return Array.from(document.images, i => [i.getAttribute('src'), i.complete, i.naturalWidth]);")
     assert len(images) == n_images
@@ -354,7 +527,7 @@ def _check_page(driver, url, n_images, n_groups):
 @pytest.mark.browser
 def test_report_renders_in_chromium_from_file(built, browser, tmp_path):
     out, index, _, scores = built
-    _check_page(browser, index.resolve().as_uri(), len(scores), n_groups=2)
+    _check_page(browser, index.resolve().as_uri(), out, len(scores) + 2, n_groups=2)
     browser.save_screenshot(str(tmp_path / "report.png"))  # kept in pytest's tmp dir for a look
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
@@ -364,9 +537,13 @@ def test_report_renders_in_chromium_over_http(built, browser, http_root):
     out, index, _, scores = built
     state, base = http_root
     state["dir"] = str(out)
-    _check_page(browser, f"{base}/index.html", len(scores), n_groups=2)
-    # anchors navigate: the detector link of the first table row scrolls to its section
-    link = browser.find_element("css selector", "table.summary tbody th a")
+    _check_page(browser, f"{base}/index.html", out, len(scores) + 2, n_groups=2)
+    # anchors navigate: the detector link of the first table row scrolls to its (collapsed) section
+    browser.execute_script("document.querySelectorAll('details').forEach(d => d.open = false);")
+    link = browser.find_element("css selector", "table.heatmap tbody th a")
     target = link.get_attribute("href").split("#", 1)[1]
     link.click()
-    assert browser.execute_script(f"return document.getElementById({json.dumps(target)}).getBoundingClientRect().top") < 50
+    top, is_open, height = browser.execute_script(
+        f"const t = document.getElementById({json.dumps(target)});"
+        "return [t.getBoundingClientRect().top, t.closest('details').open, window.innerHeight];")
+    assert is_open and 0 <= top < height  # the link opened the section and brought it into view

@@ -13,16 +13,22 @@ Interface (what the benchmark runner passes)
   which are kept in the CSV/JSON files.
 
 ``scores`` (optional, for plots): ``{(model, id_dataset, detector): {"id": array, ood_set: array, ...}}``,
-1-D ID-scores (higher = more in-distribution).
+1-D ID-scores (higher = more in-distribution). An OOD-tuned detector scores the ID data once per OOD set
+(its hyperparameters differ per set): pass those as ``"id::<ood_set>"`` instead of (or besides) ``"id"``.
 
 Output folder
 -------------
-``index.html`` (tables per model / ID dataset: detectors as rows, OOD sets as columns, AUROC and FPR95 in
-%, near/far/overall averages, best per column highlighted, OOD-tuned detectors marked; one section per
-detector with all metrics and its figure), ``plots/*.png``, ``results.csv``, ``results.json``,
-``results.md``. Every file is written atomically (temporary file in the same folder, then
-``os.replace``), so a reader never sees a half-written file, and ``index.html`` is written last, so
-it never references a missing image. The page loads nothing from the network (inline CSS, no scripts,
+``index.html``: first, per model / ID dataset, the answer to "which detector?" -- the best OOD-agnostic
+detector (highest mean AUROC over the OOD sets) named in words, a heatmap table of AUROC and FPR95 in %
+(detectors sorted by mean AUROC x OOD sets grouped near/far, with near/far/all means; cells coloured by
+the log of the error; best per column boxed; OOD-tuned detectors marked), and one ROC figure overlaying
+the best detectors of each OOD set (log FPR axis by default); then one collapsed section per detector
+with all metrics and its figure (ROC curves + ID-vs-OOD score histograms). The heatmap is an HTML table,
+not an image: its numbers stay selectable, searchable and legible at any zoom, and tests read them from
+the page (each cell carries ``data-metric``, ``data-value`` and ``data-ood`` or ``data-mean``).
+Also ``plots/*.png``, ``results.csv``, ``results.json``, ``results.md``. Every file is written
+atomically (temporary file in the same folder, then ``os.replace``), so a reader never sees a
+half-written file, and ``index.html`` is written last, so it never references a missing image. The page loads nothing from the network (inline CSS, no scripts,
 a Content-Security-Policy that forbids remote loads); images use relative paths, so the folder can
 be moved or zipped.
 """
@@ -327,42 +333,193 @@ def _tuned(tuned: bool) -> str:
     return f' <span class="tuned" title="tunes on OOD validation data">{TUNED_MARK}</span>' if tuned else ""
 
 
-def _summary_table(g: _Group, metric: str) -> str:
-    """Detectors x OOD sets (+ averages) for one metric, best per column highlighted."""
+def _det_anchor(g: _Group, det: str) -> str:
+    return "det-" + _slug(g.model, g.id_dataset, det)
+
+
+def _grp_anchor(g: _Group) -> str:
+    return "grp-" + _slug(g.model, g.id_dataset)
+
+
+# ------------------------------------------------------------------------------------ overview: ranking
+def _ranked(g: _Group) -> list[str]:
+    """Detectors by mean AUROC over all OOD sets, best first; ties by mean FPR95, then name; n/a last."""
+    def key(det: str) -> tuple:
+        auroc, fpr = g.value(det, g.ood_sets, "auroc"), g.value(det, g.ood_sets, "fpr95")
+        return (auroc is None, -(auroc or 0.0), 2.0 if fpr is None else fpr, det)
+
+    return sorted(g.detectors, key=key)
+
+
+def _pick(g: _Group, ranked: list[str]) -> str | None:
+    """The best OOD-agnostic detector: highest mean AUROC over all OOD sets (see :func:`_ranked`)."""
+    return next((d for d in ranked if not g.detectors[d] and g.value(d, g.ood_sets, "auroc") is not None), None)
+
+
+def _group_means(g: _Group, det: str, metric: str) -> str:
+    """``"near 95.03, far 99.30"`` (only groups with OOD sets)."""
+    parts = []
+    for grp in OOD_GROUPS:
+        sets = [o for o in g.ood_sets if g.ood[o] == grp]
+        if sets:
+            parts.append(f"{grp} {_pct(g.value(det, sets, metric))}")
+    return ", ".join(parts)
+
+
+def _verdict(g: _Group, ranked: list[str]) -> str:
+    """The answer to "which detector?" in words: the best OOD-agnostic choice, runners-up, caveats."""
+    pick = _pick(g, ranked)
+    if pick is None:
+        return ('<p class="verdict">No OOD-agnostic detector has an AUROC on every OOD set here, so none is '
+                "named; see the table.</p>")
+    n = len(g.ood_sets)
+    auroc, fpr = g.value(pick, g.ood_sets, "auroc"), g.value(pick, g.ood_sets, "fpr95")
+    if n == 1:
+        what = f"AUROC {_pct(auroc)} % and FPR95 {_pct(fpr)} % on {_e(g.ood_sets[0])}"
+    else:
+        what = (f"mean AUROC {_pct(auroc)} % over the {n} OOD sets ({_e(_group_means(g, pick, 'auroc'))}), "
+                f"mean FPR95 {_pct(fpr)} %")
+    out = [f'Best OOD-agnostic choice: <strong class="pick">{_e(pick)}</strong> &mdash; {what}.']
+    agnostic = [d for d in ranked if not g.detectors[d] and g.value(d, g.ood_sets, "auroc") is not None]
+    runners = agnostic[1:3]
+    if runners:
+        out.append("Next: " + ", ".join(f"{_e(d)} ({_pct(g.value(d, g.ood_sets, 'auroc'))} %)" for d in runners)
+                   + ".")
+    fprs = {d: g.value(d, g.ood_sets, "fpr95") for d in agnostic}
+    low_fpr = min((d for d in agnostic if fprs[d] is not None), key=lambda d: (fprs[d], d), default=None)
+    if low_fpr not in (None, pick) and fpr is not None and fprs[low_fpr] < fpr:
+        out.append(f"Lowest FPR95 among OOD-agnostic detectors: {_e(low_fpr)} ({_pct(fprs[low_fpr])} %).")
+    better = [d for d in ranked if g.detectors[d] and (g.value(d, g.ood_sets, "auroc") or 0.0) > auroc]
+    if better:
+        best_tuned = better[0]
+        out.append(f"The OOD-tuned {_e(best_tuned)}{_tuned(True)} scores higher "
+                   f"({_pct(g.value(best_tuned, g.ood_sets, 'auroc'))} %) but tunes on held-out samples of each "
+                   "test OOD set, which a deployment does not have.")
+    return '<p class="verdict">' + " ".join(out) + "</p>"
+
+
+# ------------------------------------------------------------------------------------ overview: heatmap
+# ColorBrewer RdBu (colour-blind safe), light end stops only: black text keeps >= 4.5:1 contrast on every cell.
+_HEAT_STOPS = ("#d6604d", "#f4a582", "#fddbc7", "#f7f7f7", "#d1e5f0", "#92c5de", "#4393c3")
+_HEAT_WORST_Q = 0.90   # the colour scale's red end: this quantile of a table's errors (outliers do not wash it out)
+_HEAT_ERR_FLOOR = 1e-3  # errors below 0.1 % share the bluest colour
+
+
+def _heat_color(t: float) -> str:
+    """Colour for ``t`` in [0, 1] (1 = best), interpolated between :data:`_HEAT_STOPS`."""
+    x = min(max(t, 0.0), 1.0) * (len(_HEAT_STOPS) - 1)
+    i = min(int(x), len(_HEAT_STOPS) - 2)
+    f = x - i
+    a, b = (tuple(int(s[k:k + 2], 16) for k in (1, 3, 5)) for s in _HEAT_STOPS[i:i + 2])
+    return "#" + "".join(f"{round(ca + f * (cb - ca)):02x}" for ca, cb in zip(a, b))
+
+
+def _log_error(v: float, metric: str) -> float:
+    """log10 of the error a value stands for: 1 - AUROC, or FPR95 itself (floored at 0.1 %).
+
+    Colours follow the log error because the detectors worth comparing sit at 97-100 % AUROC, where
+    a linear scale paints 99.9 and 98 the same blue although one makes 20 times fewer mistakes.
+    """
+    err = v if metric in LOWER_IS_BETTER else 1.0 - v
+    return math.log10(max(err, _HEAT_ERR_FLOOR))
+
+
+def _heat_scale(values: Iterable[float | None], metric: str) -> tuple[float, float]:
+    """``(worst, best)`` log errors at the red and blue ends of a metric's colour scale for one table."""
+    errs = np.array([_log_error(v, metric) for v in values if v is not None])
+    if not errs.size:
+        return 0.0, -3.0
+    return float(np.quantile(errs, _HEAT_WORST_Q)), float(errs.min())
+
+
+def _heat_t(v: float, metric: str, scale: tuple[float, float]) -> float:
+    worst, best = scale
+    return 1.0 if best >= worst else (worst - _log_error(v, metric)) / (worst - best)
+
+
+_AVG_NAMES = {"avg": "all"} | {f"{g} avg": g for g in OOD_GROUPS}
+
+
+def _heatmap(g: _Group, ranked: list[str]) -> str:
+    """Detectors (sorted) x OOD sets + means, AUROC block then FPR95 block, cells coloured by value.
+
+    Every numeric cell carries ``data-metric``, ``data-value`` (the exact fraction) and either
+    ``data-ood`` (one OOD set) or ``data-mean`` (``near``/``far``/``all``), so tests and scripts can
+    read the numbers from the page.
+    """
     cols = g.columns()
-    groups = [(kind, sum(1 for _, k, _ in cols if k == kind)) for kind in (*OOD_GROUPS, "avg")]
-    head1 = '<tr><th rowspan="2">Detector</th>' + "".join(
-        f'<th colspan="{n}"{_AVG_ATTR if kind == "avg" else ""}>{_e(kind if kind != "avg" else "average")}</th>'
-        for kind, n in groups if n) + "</tr>"
-    head2 = "<tr>" + "".join(f'<th{_AVG_ATTR if kind == "avg" else ""}>{_e(lbl)}</th>'
-                             for lbl, kind, _ in cols) + "</tr>"
+    metrics = ("auroc", "fpr95")
+    kinds = [(kind, [c for c in cols if c[1] == kind]) for kind in (*OOD_GROUPS, "avg")]
+    kinds = [(k, cs) for k, cs in kinds if cs]
+    head1 = ['<th rowspan="3" class="det-head">Detector<br><small>sorted by mean AUROC</small></th>']
+    head2, head3 = [], []
+    for m in metrics:
+        arrow = "lower is better" if m in LOWER_IS_BETTER else "higher is better"
+        head1.append(f'<th colspan="{len(cols)}" class="block">{_e(LABELS[m])} % <small>({arrow})</small></th>')
+        for i, (kind, cs) in enumerate(kinds):
+            block = ' class="block"' if i == 0 else ""
+            head2.append(f'<th colspan="{len(cs)}"{block}>{_e("mean" if kind == "avg" else kind)}</th>')
+        first = True
+        for kind, cs in kinds:
+            for lbl, _, _ in cs:
+                cls = ["block"] if first else []
+                cls += ["avg"] if kind == "avg" else []
+                first = False
+                attr = f' class="{" ".join(cls)}"' if cls else ""
+                head3.append(f"<th{attr}>{_e(_AVG_NAMES.get(lbl, lbl) if kind == 'avg' else lbl)}</th>")
+    ordered = [c for _, cs in kinds for c in cs]
+    marks, scales = {}, {}
+    for m in metrics:
+        for lbl, _, sets in ordered:
+            vals = {d: g.value(d, sets, m) for d in g.detectors}
+            best = _best(vals, m)
+            agnostic = {d: v for d, v in vals.items() if not g.detectors[d]}
+            best_agn = _best(agnostic, m) if best and all(g.detectors[d] for d in best) else set()
+            marks[(m, lbl)] = (vals, best, best_agn)
+        scales[m] = _heat_scale((v for (mm, _), (vals, _, _) in marks.items() if mm == m for v in vals.values()), m)
     body = []
-    marks = {}
-    for lbl, _, sets in cols:
-        vals = {d: g.value(d, sets, metric) for d in g.detectors}
-        best = _best(vals, metric)
-        agnostic = {d: v for d, v in vals.items() if not g.detectors[d]}
-        best_agn = _best(agnostic, metric) if best and not any(not g.detectors[d] for d in best) else set()
-        marks[lbl] = (vals, best, best_agn)
-    for det, tuned in g.detectors.items():
-        cells = [f'<th class="det"><a href="#{_e("det-" + _slug(g.model, g.id_dataset, det))}">{_e(det)}</a>'
-                 f"{_tuned(tuned)}</th>"]
-        for lbl, kind, _ in cols:
-            vals, best, best_agn = marks[lbl]
-            v = vals[det]
-            cls = ["num"] + (["avg"] if kind == "avg" else [])
-            cls += ["best"] if det in best else ["best-agnostic"] if det in best_agn else []
-            if v is None:
-                cells.append('<td class="na">n/a</td>')
-            else:
-                cells.append(f'<td class="{" ".join(cls)}" title="{_e(f"{LABELS[metric]} {v:.6f}")}">{_pct(v)}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
-    return (f'<h3>{_e(LABELS[metric])} (%), {arrow}</h3>\n<div class="scroll"><table class="summary" '
-            f'data-metric="{metric}">\n<thead>{head1}{head2}</thead>\n<tbody>\n' + "\n".join(body)
-            + "\n</tbody></table></div>")
+    for det in ranked:
+        tuned = g.detectors[det]
+        cells = [f'<th class="det" scope="row"><a href="#{_e(_det_anchor(g, det))}">{_e(det)}</a>{_tuned(tuned)}</th>']
+        for m in metrics:
+            first = True
+            for lbl, kind, sets in ordered:
+                vals, best, best_agn = marks[(m, lbl)]
+                v = vals[det]
+                cls = ["num"] + (["block"] if first else []) + (["avg"] if kind == "avg" else [])
+                first = False
+                where = (f'data-mean="{_e(_AVG_NAMES[lbl])}"' if kind == "avg" else f'data-ood="{_e(sets[0])}"')
+                if v is None:
+                    cells.append(f'<td class="{" ".join(cls + ["na"])}" data-metric="{m}" {where}>n/a</td>')
+                    continue
+                cls += ["best"] if det in best else ["best-agnostic"] if det in best_agn else []
+                color = _heat_color(_heat_t(v, m, scales[m]))
+                what = f"{det} on {lbl}" if kind != "avg" else f"{det}, mean over {_AVG_NAMES[lbl]}"
+                cells.append(f'<td class="{" ".join(cls)}" style="background:{color}" data-metric="{m}" {where} '
+                             f'data-value="{v!r}" title="{_e(f"{what}: {LABELS[m]} {100 * v:.4f} %")}">{_pct(v)}</td>')
+        body.append(("<tr class=\"tuned-row\">" if tuned else "<tr>") + "".join(cells) + "</tr>")
+    return (f'<div class="scroll"><table class="heatmap" data-model="{_e(g.model)}" data-id-dataset='
+            f'"{_e(g.id_dataset)}">\n<thead><tr>{"".join(head1)}</tr>\n<tr>{"".join(head2)}</tr>\n'
+            f'<tr>{"".join(head3)}</tr></thead>\n<tbody>\n' + "\n".join(body) + "\n</tbody></table></div>\n"
+            + _heat_legend(scales))
 
 
+def _heat_legend(scales: Mapping[str, tuple[float, float]]) -> str:
+    ramp = ", ".join(_HEAT_STOPS)
+
+    def err(log_err: float) -> str:
+        return f"{100 * 10 ** log_err:.{_DECIMALS}f}"
+
+    ends = "; ".join(f"{'FPR95' if m in LOWER_IS_BETTER else '100 - ' + LABELS[m]} {err(w)} to {err(b)}"
+                     for m, (w, b) in scales.items())
+    return (f'<p class="heat-legend"><span class="ramp" style="background:linear-gradient(to right, {ramp})">'
+            f"</span> cell colour: the error (100 &minus; AUROC, or FPR95) on a log scale, from this table's "
+            f"90th-percentile error (red) to its smallest (blue) ({ends} %). <strong>Bold, boxed</strong> = best "
+            f'in the column; <span class="u">underlined</span> = best OOD-agnostic when the best is OOD-tuned '
+            f"({TUNED_MARK}).</p>")
+
+
+# ------------------------------------------------------------------------------------ per-detector sections
 def _metric_cell(row: dict | None, metric: str) -> str:
     if row is None or row.get(metric) is None:
         return '<td class="na">n/a</td>'
@@ -373,8 +530,11 @@ def _metric_cell(row: dict | None, metric: str) -> str:
     return f'<td class="num">{_pct(v)}{ci_html}</td>'
 
 
+def _img(src: str, size: tuple[int, int], alt: str) -> str:
+    return (f'<img src="{_e(src)}" alt="{_e(alt)}" width="{_e(size[0])}" height="{_e(size[1])}">')
+
+
 def _detector_section(g: _Group, det: str, plot: tuple[str, tuple[int, int]] | None) -> str:
-    anchor = "det-" + _slug(g.model, g.id_dataset, det)
     head = "<tr><th>OOD set</th><th>group</th>" + "".join(f"<th>{_e(LABELS[m])}</th>" for m in METRIC_KEYS) + "</tr>"
     body = []
     for o in g.ood_sets:
@@ -382,55 +542,98 @@ def _detector_section(g: _Group, det: str, plot: tuple[str, tuple[int, int]] | N
         body.append(f"<tr><th class=\"det\">{_e(o)}</th><td>{_e(g.ood[o])}</td>"
                     + "".join(_metric_cell(row, m) for m in METRIC_KEYS) + "</tr>")
     if plot:
-        plot, size = plot
         alt = f"ROC curves and score histograms of {det} on {g.model} / {g.id_dataset}"
-        fig = f'<figure><img src="{_e(plot)}" alt="{_e(alt)}" width="{_e(size[0])}" height="{_e(size[1])}"></figure>'
+        fig = f"<figure>{_img(plot[0], plot[1], alt)}</figure>"
     else:
         fig = '<p class="note">No scores were passed for this detector, so there are no plots.</p>'
     tuned = (f'<p class="note"><span class="tuned">{TUNED_MARK}</span> tunes on OOD validation data: not '
              f"OOD-agnostic.</p>" if g.detectors[det] else "")
-    return (f'<section class="detector" id="{_e(anchor)}">\n<span class="links"><a href="#'
-            f'{_e("grp-" + _slug(g.model, g.id_dataset))}">back to table</a> &middot; <a href="#top">top</a></span>\n'
-            f"<h4>{_e(det)}{_tuned(g.detectors[det])} <small class=\"meta\">{_e(g.model)} / {_e(g.id_dataset)}"
-            f'</small></h4>\n{tuned}<div class="scroll"><table class="metrics">\n<thead>{head}</thead>\n<tbody>\n'
-            + "\n".join(body) + f"\n</tbody></table></div>\n{fig}\n</section>")
+    auroc, fpr = g.value(det, g.ood_sets, "auroc"), g.value(det, g.ood_sets, "fpr95")
+    # The anchor sits inside the collapsed content: following a link to it makes the browser open the section.
+    return (f'<details class="detector">\n<summary><span class="name">{_e(det)}'
+            f'</span>{_tuned(g.detectors[det])} <span class="meta">mean AUROC {_pct(auroc)} &middot; mean FPR95 '
+            f'{_pct(fpr)}</span></summary>\n<span class="anchor" id="{_e(_det_anchor(g, det))}"></span><span class="links"><a href="#{_e(_grp_anchor(g))}">back to the '
+            f'overview</a> &middot; <a href="#top">top</a></span>\n{tuned}<div class="scroll"><table class="metrics">'
+            f"\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(body) + f"\n</tbody></table></div>\n{fig}\n</details>")
 
 
 def _legend(has_ci: bool, has_plots: bool) -> str:
     ci = "<li>Detector sections: brackets are bootstrap confidence intervals.</li>" if has_ci else ""
-    figs = ("<li>Figures: left, ROC curves of every OOD set (ID positive; legend: AUROC %; dashed line: "
-            "TPR 95 %); then ID (grey) vs each OOD set, score densities on shared bins spanning the central "
-            "99 % of the pooled scores.</li>") if has_plots else ""
+    figs = ("<li>ROC figure of each model: per OOD set, the detectors with the highest AUROC on it (and the "
+            "best OOD-agnostic choice), FPR on a log axis by default; the dashed line is TPR 95 %, where a "
+            "curve's FPR95 can be read; OOD-tuned detectors are dashed. Detector figures: left, ROC curves "
+            "of every OOD set (legend: AUROC %); then ID (grey) vs each OOD set, score densities on shared "
+            "bins spanning the central 99 % of the pooled scores.</li>") if has_plots else ""
     return (
-        '<div class="box legend"><strong>How to read this report</strong><ul>'
+        '<details class="box legend"><summary>How to read this report</summary><ul>'
         "<li>Scores: higher = more in-distribution (ID). AUROC uses ID as the positive class; "
         "FPR95 = fraction of OOD samples accepted at the threshold that keeps 95 % of ID samples. "
         "Tables show percentages; <code>results.csv</code>/<code>.json</code> hold fractions.</li>"
+        "<li>The recommended detector is the OOD-agnostic one with the highest mean AUROC over all OOD sets "
+        "of the model (ties: lower mean FPR95). Near OOD sets resemble the ID data; far ones do not.</li>"
         f'<li><span class="tuned">{TUNED_MARK}</span> = the detector tunes on OOD validation data '
-        "(not OOD-agnostic); compare it with care.</li>"
-        '<li><span class="swatch best">best</span> = best value in the column (ties at the shown precision); '
-        '<span class="swatch best-agnostic">best</span> = best OOD-agnostic detector, shown when the best is '
-        f"OOD-tuned.</li><li>Averages are means over the OOD sets of a group (n/a if any is missing).</li>"
-        f"{ci}{figs}</ul></div>")
+        "(held-out samples of each test OOD set, not OOD-agnostic); compare it with care.</li>"
+        "<li>Means are over the OOD sets of a group (n/a if any is missing).</li>"
+        f"{ci}{figs}</ul></details>")
 
 
-def _plot_jobs(groups: list[_Group], scores: Mapping | None) -> dict[tuple[str, str, str], tuple[str, dict]]:
-    """``(model, id, detector) -> (relative png path, {"id": array, ood: array})`` for every score entry."""
-    jobs = {}
+# ------------------------------------------------------------------------------------ plots
+class _Scores:
+    """One detector's validated score arrays: ID scores per OOD set (shared or per set) and OOD scores."""
+
+    def __init__(self, ids: dict[str, np.ndarray], oods: dict[str, np.ndarray], shared_id: bool) -> None:
+        self.ids, self.oods, self.shared_id = ids, oods, shared_id
+
+
+def _plot_scores(groups: list[_Group], scores: Mapping | None) -> dict[tuple[str, str, str], _Scores]:
+    """``(model, id, detector) -> _Scores`` for every score entry with at least one OOD set.
+
+    An entry holds ``"id"`` (ID scores shared by all OOD sets) and/or ``"id::<ood set>"`` (ID scores of an
+    OOD-tuned detector, tuned for that OOD set), and one array per OOD set.
+    """
+    out = {}
     for g in groups:
         for det in g.detectors:
             entry = (scores or {}).get((g.model, g.id_dataset, det))
             if entry is None:
                 continue
             where = f"scores[{(g.model, g.id_dataset, det)!r}]"
-            if "id" not in entry:
-                raise InputError(f"{where} has no 'id' array; pass {{'id': id_scores, ood_set: ood_scores, ...}}")
-            ood_order = [o for o in g.ood_sets if o in entry] + [o for o in entry if o != "id" and o not in g.ood]
-            arrays = {"id": _as_scores(entry["id"], f"{where}['id']")}
-            arrays.update({str(o): _as_scores(entry[o], f"{where}[{o!r}]") for o in ood_order})
-            if len(arrays) > 1:
-                jobs[(g.model, g.id_dataset, det)] = (f"plots/{_slug(g.model, g.id_dataset, det)}.png", arrays)
-    return jobs
+            names = [str(k) for k in entry if not str(k).startswith("id::") and k != "id"]
+            ood_order = [o for o in g.ood_sets if o in names] + [o for o in names if o not in g.ood]
+            ids, oods = {}, {}
+            for o in ood_order:
+                key = f"id::{o}" if f"id::{o}" in entry else "id"
+                if key not in entry:
+                    raise InputError(f"{where} has no 'id' array; pass {{'id': id_scores, ood_set: ood_scores, ...}} "
+                                     f"(or 'id::{o}' for ID scores specific to the OOD set {o!r})")
+                ids[o] = _as_scores(entry[key], f"{where}[{key!r}]")
+                oods[o] = _as_scores(entry[o], f"{where}[{o!r}]")
+            if oods:
+                out[(g.model, g.id_dataset, det)] = _Scores(ids, oods, all(f"id::{o}" not in entry for o in oods))
+    return out
+
+
+def _overview_panels(g: _Group, arrays: Mapping[tuple[str, str, str], _Scores], ranked: list[str],
+                     top: int) -> tuple[dict[str, list], list[str]]:
+    """Per OOD set: the ``top`` detectors by its AUROC (plus the recommended one), as ROC curve inputs."""
+    pick = _pick(g, ranked)
+    panels, dashed = {}, []
+    for o in g.ood_sets:
+        have = [d for d in g.detectors if (g.model, g.id_dataset, d) in arrays
+                and o in arrays[(g.model, g.id_dataset, d)].oods and g.rows.get((d, o), {}).get("auroc") is not None]
+        chosen = sorted(have, key=lambda d: (-g.rows[(d, o)]["auroc"], d))[:top]
+        if pick in have and pick not in chosen:
+            chosen.append(pick)
+        curves = []
+        for d in chosen:
+            s = arrays[(g.model, g.id_dataset, d)]
+            label = d + (f" {TUNED_MARK}" if g.detectors[d] else "")
+            if g.detectors[d]:
+                dashed.append(label)
+            curves.append((label, s.ids[o], s.oods[o]))
+        if curves:
+            panels[f"{o} ({g.ood[o]})"] = curves
+    return panels, dashed
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -440,27 +643,43 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 def write_report(out_dir: str | os.PathLike, results: Iterable[Mapping[str, Any]],
                  scores: Mapping[tuple[str, str, str], Mapping[str, Any]] | None = None, *,
-                 title: str = "gradood benchmark report", plots: bool = True) -> Path:
+                 title: str = "gradood benchmark report", plots: bool = True, log_fpr: bool | None = None,
+                 top: int = 5) -> Path:
     """Write the report folder (``index.html``, ``plots/``, ``results.{csv,json,md}``); return index.html.
 
     ``results`` and ``scores`` are described in the module docstring; a result row is typically
     ``{model, id_dataset, ood_set, ood_group, detector, tunes_on_ood, **gradood.metrics.evaluate(...)}``.
-    One PNG per (model, ID dataset, detector) present in both ``results`` and ``scores`` (ROC curves of
-    all its OOD sets + ID-vs-OOD histograms; ~0.2 s each); ``plots=False`` skips them. Re-running
-    overwrites files in place (atomically).
+    Per model / ID dataset the page opens with the recommended OOD-agnostic detector in words, a heatmap
+    table of AUROC and FPR95 (detectors sorted by mean AUROC) and one ROC figure overlaying the ``top``
+    detectors of each OOD set; per-detector sections (all metrics, ROC + histograms) follow, collapsed.
+    ``log_fpr``: None (default) = log FPR axis in the overview ROC figure, linear in detector figures;
+    True / False = log / linear everywhere. ``plots=False`` skips all figures (~0.15 s each).
+    Re-running overwrites files in place (atomically).
     """
+    if log_fpr not in (None, True, False):
+        raise InputError(f"log_fpr={log_fpr!r} must be None (log in the overview only), True or False")
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise InputError(f"top={top!r} must be a positive int (the number of detectors per overview ROC panel)")
     rows = _normalise(results)
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     groups = _groups(rows)
-    jobs = _plot_jobs(groups, scores) if plots else {}
-    images = {}
-    if jobs:
-        from .plots import detector_figure  # matplotlib only when plotting
+    arrays = _plot_scores(groups, scores) if plots else {}
+    images: dict[tuple[str, ...], tuple[str, tuple[int, int]]] = {}
+    if arrays:
+        from .plots import detector_figure, overview_roc_figure  # matplotlib only when plotting
 
-        for (model, id_dataset, det), (rel, arrays) in jobs.items():
-            id_scores = arrays.pop("id")
-            png = detector_figure(id_scores, arrays, title=f"{model} / {id_dataset} / {det}")
+        for g in groups:
+            panels, dashed = _overview_panels(g, arrays, _ranked(g), top)
+            if panels:
+                rel = f"plots/overview-{_slug(g.model, g.id_dataset)}.png"
+                png = overview_roc_figure(panels, log_fpr=log_fpr is not False, dashed=dashed)
+                _atomic_write(out / rel, png)
+                images[(g.model, g.id_dataset)] = (rel, _png_size(png))
+        for (model, id_dataset, det), s in arrays.items():
+            rel = f"plots/{_slug(model, id_dataset, det)}.png"
+            png = detector_figure(next(iter(s.ids.values())) if s.shared_id else s.ids, s.oods,
+                                  title=f"{model} / {id_dataset} / {det}", log_fpr=bool(log_fpr))
             _atomic_write(out / rel, png)
             images[(model, id_dataset, det)] = (rel, _png_size(png))
     write_tables(out, rows, title=title)
@@ -468,7 +687,21 @@ def write_report(out_dir: str | os.PathLike, results: Iterable[Mapping[str, Any]
     return out / "index.html"
 
 
-def _html(rows: list[dict], groups: list[_Group], plots: Mapping[tuple[str, str, str], tuple[str, tuple[int, int]]],
+def _glance(groups: list[_Group]) -> str:
+    """One line per model: the recommended detector, linked to its overview."""
+    items = []
+    for g in groups:
+        pick = _pick(g, _ranked(g))
+        what = ("no OOD-agnostic detector has results on every OOD set" if pick is None else
+                f'<strong>{_e(pick)}</strong> (mean AUROC {_pct(g.value(pick, g.ood_sets, "auroc"))} %, '
+                f'FPR95 {_pct(g.value(pick, g.ood_sets, "fpr95"))} %)')
+        items.append(f'<li><a href="#{_e(_grp_anchor(g))}">{_e(g.model)} / {_e(g.id_dataset)}</a>: {what}; '
+                     f"{len(g.detectors)} detectors, {len(g.ood)} OOD sets</li>")
+    return ('<nav class="box glance"><strong>Which detector?</strong> The best OOD-agnostic detector per model '
+            "(highest mean AUROC over its OOD sets):<ul>" + "".join(items) + "</ul></nav>")
+
+
+def _html(rows: list[dict], groups: list[_Group], plots: Mapping[tuple[str, ...], tuple[str, tuple[int, int]]],
           title: str) -> str:
     from .. import __version__
 
@@ -478,17 +711,23 @@ def _html(rows: list[dict], groups: list[_Group], plots: Mapping[tuple[str, str,
     meta = (f"{when} &middot; {len(rows)} results &middot; {len(groups)} model/ID-dataset pairs &middot; "
             f'{n_det} detectors &middot; tables: <a href="results.csv">CSV</a>, <a href="results.json">JSON</a>, '
             f'<a href="results.md">Markdown</a>')
-    nav = "<nav class=\"box\"><strong>Contents</strong><ul>" + "".join(
-        f'<li><a href="#{_e("grp-" + _slug(g.model, g.id_dataset))}">{_e(g.model)} / {_e(g.id_dataset)}</a> '
-        f"({len(g.detectors)} detectors, {len(g.ood)} OOD sets)</li>" for g in groups) + "</ul></nav>"
-    parts = [nav, _legend(has_ci, bool(plots))]
+    parts = [_glance(groups), _legend(has_ci, bool(plots))]
     for g in groups:
-        parts.append(f'<section class="group" id="{_e("grp-" + _slug(g.model, g.id_dataset))}">'
-                     f"<h2>{_e(g.model)} / {_e(g.id_dataset)}</h2>")
-        parts.append(_summary_table(g, "auroc"))
-        parts.append(_summary_table(g, "fpr95"))
-        parts.append("<h3>Detectors</h3>")
-        for det in g.detectors:
+        ranked = _ranked(g)
+        acc = g.rows[next(iter(g.rows))].get("accuracy")
+        acc_txt = f' <small class="meta">ID test accuracy {100 * acc:.2f} %</small>' if isinstance(acc, float) else ""
+        parts.append(f'<section class="group" id="{_e(_grp_anchor(g))}">'
+                     f"<h2>{_e(g.model)} / {_e(g.id_dataset)}{acc_txt}</h2>")
+        parts.append(_verdict(g, ranked))
+        parts.append(_heatmap(g, ranked))
+        overview = plots.get((g.model, g.id_dataset))
+        if overview:
+            alt = f"ROC curves of the best detectors per OOD set, {g.model} / {g.id_dataset}"
+            parts.append(f'<figure class="overview">{_img(overview[0], overview[1], alt)}<figcaption>ROC curves of '
+                         f"the detectors with the highest AUROC on each OOD set (legend: AUROC %); dashed "
+                         f"horizontal line: TPR 95 %.</figcaption></figure>")
+        parts.append(f'<h3>Detectors <small class="meta">(in table order; click to expand)</small></h3>')
+        for det in ranked:
             parts.append(_detector_section(g, det, plots.get((g.model, g.id_dataset, det))))
         parts.append("</section>")
     return Template(_template("report.html")).substitute(
