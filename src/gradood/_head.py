@@ -109,7 +109,8 @@ def find_head(model: nn.Module, run: Callable[[], Any], logits_of: Callable[[Any
         for h in handles:
             h.remove()
     reached = list(dict.fromkeys(order))
-    what = "nn.Linear (or 1x1 nn.Conv2d) layer" + (f" inside {scope!r}" if scope else "")
+    inside = f" inside {scope!r}" if scope else ""
+    what = "nn.Linear (or 1x1 nn.Conv2d) layer" + inside
     if not reached:
         raise ModelError(
             f"no {what} is reached in the forward pass of {type(model).__name__}, so the classifier head cannot "
@@ -134,7 +135,7 @@ def find_head(model: nn.Module, run: Callable[[], Any], logits_of: Callable[[Any
         )
     via = f" (the walk back from the logits stopped at: {sorted(stopped)})" if stopped else ""
     raise ModelError(
-        f"none of the {what}s reached in the forward pass ({reached[:8]}{'...' if len(reached) > 8 else ''}) "
+        f"none of the nn.Linear (or 1x1 nn.Conv2d) layers{inside} reached in the forward pass ({reached[:8]}{'...' if len(reached) > 8 else ''}) "
         f"outputs the model's logits through reshapes or element-wise ops{via}. Pass "
         "Probe(model, head='<name>') naming the layer whose output are the logits, and logits=<callable> if the "
         "logits are not the model's output (or its .logits / ['logits'] / [0])."

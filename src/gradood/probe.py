@@ -35,6 +35,25 @@ from ._head import find_head, is_head_candidate, pool_positions
 from .errors import InputError, ModelError
 
 
+#: :meth:`Probe.perturbation_target` for inputs perturbed through their token embeddings
+EMBEDDINGS = "<token embeddings>"
+
+
+@dataclass
+class ShiftedTokens:
+    """Token inputs whose token embeddings are moved by ``delta``: what perturbation methods (ODIN, GRODIN
+    eps > 0, Mahalanobis and FSSD preprocessing) run the model on when the inputs are integer ids.
+
+    ``delta`` has the shape of the token-embedding layer's output (``B x L x H``) and is in the units of the
+    embedding table (added to each coordinate of every token's embedding, before position embeddings and
+    LayerNorm); the token ids, attention mask and everything else are unchanged, so padding and pooling at
+    the last non-pad token behave as on the clean inputs.
+    """
+
+    inputs: Inputs
+    delta: torch.Tensor
+
+
 @dataclass
 class ForwardOutput:
     """What one forward pass of a batch yields."""
@@ -42,7 +61,7 @@ class ForwardOutput:
     logits: torch.Tensor
     features: torch.Tensor
     taps: dict[str, torch.Tensor] = field(default_factory=dict)
-    x: Inputs | None = None  # the validated input batch, on the model's device
+    x: "Inputs | ShiftedTokens | None" = None  # the validated input batch, on the model's device
     output: Any = None  # what the model returned (tensor, tuple, dict, ModelOutput)
 
 
@@ -323,16 +342,20 @@ class Probe:
                 ) from e
             raise
 
-    def forward(self, x: Inputs, taps: Sequence[str] = (), *, grad: bool = False,
+    def forward(self, x: "Inputs | ShiftedTokens", taps: Sequence[str] = (), *, grad: bool = False,
                 batch_index: int | None = None, validate: bool = True) -> ForwardOutput:
         """Run one batch and return logits (head output), features (head input) and the named taps.
 
         With ``grad=False`` (default) runs under ``torch.no_grad``; with ``grad=True`` the outputs stay in the
         autograd graph (for input gradients and per-sample parameter gradients).
         """
-        x = self.prepare(x, batch_index=batch_index, check_finite=False) if validate else x
+        if validate:
+            if isinstance(x, ShiftedTokens):
+                raise InputError("shifted token inputs are made by gradood's perturbation code and are not "
+                                 "validated again; pass the token inputs themselves.")
+            x = self.prepare(x, batch_index=batch_index, check_finite=False)
         if self.head_name is None:
-            self._find_head(x)
+            self._find_head(x.inputs if isinstance(x, ShiftedTokens) else x)
         captured: dict[str, Any] = {}
         head = self.head
 
@@ -354,8 +377,8 @@ class Probe:
             handles.append(self._modules[t].register_forward_hook(
                 lambda _m, _i, o, n=t: captured.__setitem__(("tap", n), o.clone())))
         try:
-            with self.eval_mode(), torch.set_grad_enabled(grad):
-                out = self._run_model(x)
+            with self.eval_mode(), torch.set_grad_enabled(grad), self.model_inputs(x) as inputs:
+                out = self._run_model(inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -442,6 +465,99 @@ class Probe:
                     "If another layer outputs the logits, pass head=<its name>.",
                     stacklevel=3,
                 )
+
+    # ------------------------------------------------------------------ token embeddings
+    def perturbation_target(self, x: "Inputs | ShiftedTokens") -> str | None:
+        """What input perturbation moves for these inputs: ``None`` (the input tensor itself), the key of a
+        dict entry (``inputs_embeds``, ``pixel_values``, or the only floating entry that is not a mask), or
+        :data:`EMBEDDINGS` for integer token ids (the token-embedding layer's output, see :class:`ShiftedTokens`).
+        """
+        if isinstance(x, ShiftedTokens):
+            return EMBEDDINGS
+        if isinstance(x, torch.Tensor):
+            return None if x.is_floating_point() else EMBEDDINGS
+        for k in ("inputs_embeds", "pixel_values", "input_values", "input_features"):
+            if k in x and x[k].is_floating_point():
+                return k
+        if "input_ids" in x or any(not v.is_floating_point() and "mask" not in k and "type" not in k
+                                   for k, v in x.items()):
+            return EMBEDDINGS
+        floats = [k for k, v in x.items() if v.is_floating_point() and "mask" not in k]
+        if len(floats) == 1:
+            return floats[0]
+        raise InputError(
+            f"cannot tell which of the inputs {sorted(x)} to perturb: gradood perturbs 'inputs_embeds', "
+            "'pixel_values', the token embeddings of 'input_ids', or the only floating-point entry."
+        )
+
+    def embedding_layer(self) -> tuple[str, nn.Module]:
+        """``(name, module)`` of the token-embedding layer that perturbation moves for token inputs."""
+        if self.embeddings_name is not None:
+            return self.embeddings_name, self._modules[self.embeddings_name]
+        get = getattr(self.model, "get_input_embeddings", None)
+        if callable(get):
+            try:
+                m = get()
+            except (NotImplementedError, AttributeError):
+                m = None
+            names = [n for n, mm in self._modules.items() if mm is m]
+            if isinstance(m, nn.Module) and names:
+                return names[0], m
+        emb = [n for n, m in self._modules.items() if isinstance(m, nn.Embedding)]
+        if len(emb) == 1:
+            return emb[0], self._modules[emb[0]]
+        raise ModelError(
+            f"perturbing token inputs moves the output of the token-embedding layer, but the model has "
+            f"{len(emb)} nn.Embedding layers ({emb[:6]}) and no get_input_embeddings(). Pass "
+            "Probe(model, embeddings='<name of the token embedding layer>')."
+        )
+
+    @contextlib.contextmanager
+    def model_inputs(self, x: "Inputs | ShiftedTokens") -> Iterator[Inputs]:
+        """The inputs to call the model with; for :class:`ShiftedTokens`, with a forward hook that adds the
+        shift to the token-embedding layer's output while the context is open (e.g. around a call of the
+        gradient engine)."""
+        if not isinstance(x, ShiftedTokens):
+            yield x
+            return
+        name, layer = self.embedding_layer()
+        delta = x.delta
+
+        def shift(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
+            if out.shape != delta.shape:
+                if not torch.is_grad_enabled() and out.shape[1:] == delta.shape[1:]:
+                    return out  # a no_grad pass on a few samples to find the module order (the engine's)
+                raise ModelError(
+                    f"the embedding shift of shape {tuple(delta.shape)} does not fit the output of {name!r}, "
+                    f"{tuple(out.shape)}: perturbed token inputs must run through the model in one batch (a "
+                    "per-sample fallback of the gradient engine cannot apply them)."
+                )
+            return out + delta.to(out.dtype)
+
+        h = layer.register_forward_hook(shift)
+        try:
+            yield x.inputs
+        finally:
+            h.remove()
+
+    @contextlib.contextmanager
+    def embedding_leaf(self) -> Iterator[list[torch.Tensor]]:
+        """While open, every output of the token-embedding layer is replaced by an autograd leaf (appended
+        to the yielded list) so that the gradient of a loss with respect to the token embeddings can be
+        taken, whether or not the embedding table requires grad."""
+        _, layer = self.embedding_layer()
+        leaves: list[torch.Tensor] = []
+
+        def leaf(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
+            e = out.detach().requires_grad_(True)
+            leaves.append(e)
+            return e.clone()  # in-place ops after the layer stay legal
+
+        h = layer.register_forward_hook(leaf)
+        try:
+            yield leaves
+        finally:
+            h.remove()
 
     @property
     def input_shape(self) -> Any:
