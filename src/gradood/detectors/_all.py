@@ -22,6 +22,10 @@ _MODULES = [
     "grodin",
     "fssd",
     "lowdim",
+    "softmax_family",
+    "shaping",
+    "feature_geometry",
+    "density",
 ]
 
 
