@@ -93,7 +93,10 @@ def test_odin_defaults():
     det = gradood.create("odin")
     assert (det.temperature, det.eps) == (1000.0, 0.0014)
     assert det.tunes_on_ood is False and det.needs_model is True
-    assert len(det.temperatures) == 10 and len(det.epsilons) == 21 and det.epsilons[-1] == pytest.approx(0.004)
+    temps, epsilons = det.tuning_grid()  # the default grid is small; the paper's is grid="paper"
+    assert temps == (1.0, 10.0, 100.0, 1000.0) and epsilons == (0.0, 0.001, 0.002, 0.004)
+    temps, epsilons = gradood.create("odin", grid="paper").tuning_grid()
+    assert len(temps) == 10 and len(epsilons) == 21 and epsilons[-1] == pytest.approx(0.004)
 
 
 ODIN_T, ODIN_EPS = (1.0, 10.0, 100.0), (0.0, 0.01, 0.04)

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _passes
+from ._labels import as_label_tensor
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -233,7 +234,7 @@ class Signals:
             put(Tap(layer).key, a, f"tap {layer!r}")
         lab = None
         if labels is not None:
-            lab = torch.as_tensor(np.asarray(labels)).long().flatten()
+            lab = as_label_tensor(labels, "labels")
             if n is not None and len(lab) != n:
                 raise InputError(f"labels have {len(lab)} entries but the signals have {n} samples.")
         if not tensors:
@@ -380,7 +381,7 @@ class Signals:
                 if has_labels is None:
                     has_labels = y is not None
                 if y is not None and has_labels:
-                    label_chunks.append(y.detach().to("cpu").long().flatten())
+                    label_chunks.append(as_label_tensor(y, f"labels of batch {b} of {self.name!r}"))
                 bar.update(1)
                 if partial is not None and b + 1 - since_save >= self.checkpoint_every:
                     self._save_partial(partial, chunks, label_chunks, since_save, b + 1)

@@ -12,6 +12,27 @@ Each detector declares:
 * ``fits_on_id``: whether ``fit`` needs ID (training) data;
 * ``tunes_on_ood``: whether ``fit`` tunes on an OOD validation split (results tables mark these: they are
   not OOD-agnostic).
+
+Hyperparameters are validated in ONE place, :meth:`Detector.__new__`, against the class's schema
+(:mod:`gradood.detectors._hyperparams`) before ``__init__`` runs -- for ``create(name, ...)`` and direct
+construction alike. The schema is inferred from the constructor's annotations and defaults (``float`` -> a
+real number, ``int | None`` -> an integer or None, ``bool`` -> True/False, ``Sequence[float]`` -> a non-empty
+list of numbers), refined by a class-level ``hyperparams`` mapping for ranges and choices::
+
+    from . import _hyperparams as hp
+
+    @register("my-detector")
+    class MyDetector(Detector):
+        hyperparams = {"temperature": hp.positive(), "k": hp.integer(minimum=1), "mode": hp.choice("a", "b")}
+
+        def __init__(self, temperature: float = 1.0, k: int = 5, mode: str = "a", tune: bool = False) -> None:
+            self.temperature, self.k, self.mode, self.tune = temperature, k, mode, tune  # stored unchanged
+
+``__init__`` then stores its arguments unchanged (sequences as tuples, so that detectors stay hashable) and
+checks only what involves several arguments at once. Strings are never coerced (``"false"`` is not False,
+``"1"`` is not a number). ``tests/test_hyperparams.py`` checks every registered detector automatically: every
+argument must have a typed annotation or a ``hyperparams`` entry, and every bool/int/float/grid argument
+must refuse strings and other wrong types with a :class:`~gradood.errors.ConfigError` naming it.
 """
 
 from __future__ import annotations
@@ -25,6 +46,8 @@ import torch
 from ..deploy._mixin import DeployMixin
 from ..errors import ConfigError, InputError, NotFittedError, TuningDataError
 from ..signals import FEATURES, LOGITS, Request, Signals
+from . import _hyperparams as hp
+from ._papers import Citation
 
 D = TypeVar("D", bound="Detector")
 
@@ -37,6 +60,8 @@ class Detector(DeployMixin):
     name: ClassVar[str] = ""
     #: citation of the method's source
     paper: ClassVar[str] = ""
+    #: the same as a structured citation (tables show ``citation.short``: "first author et al., venue year")
+    citation: ClassVar["Citation | None"] = None
     #: human-readable list of the signals the detector reads
     signals: ClassVar[tuple[str, ...]] = ("logits",)
     #: whether ``fit`` needs ID data
@@ -45,8 +70,21 @@ class Detector(DeployMixin):
     tunes_on_ood: bool = False
     #: whether scoring needs the model itself (perturbation or gradients), not just cached forward signals
     needs_model: ClassVar[bool] = False
+    #: type/range declarations of the constructor's arguments, over those inferred from its annotations
+    #: (see the module docstring and :mod:`gradood.detectors._hyperparams`)
+    hyperparams: ClassVar[dict[str, hp.Param]] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Detector":
+        # The one validation path: every constructor argument against the class's schema, before __init__.
+        hp.validate_arguments(cls, args, kwargs, owner=cls.__dict__.get("name") or cls.name or cls.__name__)
+        return super().__new__(cls)
 
     # ------------------------------------------------------------------ hyperparameters
+    @classmethod
+    def param_schema(cls) -> dict[str, hp.Param]:
+        """How each constructor argument is validated (declared ``hyperparams`` over inferred types)."""
+        return dict(hp.schema_of(cls))
+
     @classmethod
     def _param_names(cls) -> list[str]:
         sig = inspect.signature(cls.__init__)
@@ -244,62 +282,40 @@ def describe(name: str) -> dict[str, Any]:
     return create(name).info()
 
 
+# ---------------------------------------------------------------------- single-value checks
+# For values that are not constructor arguments (constructor arguments go through the class schema). Each
+# applies the same rules as the schema, so both paths accept and refuse exactly the same values.
 def check_positive(value: float, what: str, *, allow_zero: bool = False, allow_inf: bool = False) -> float:
-    """Validate a numeric hyperparameter."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what} must be a number, got {value!r}.")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a number, got {value!r}.") from None
-    if np.isnan(v) or (np.isinf(v) and not allow_inf) or v < 0 or (v == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{what} must be {bound}{' (inf allowed)' if allow_inf else ''} and finite, got {value!r}.")
-    return v
+    """A real number > 0 (>= 0 with ``allow_zero``), finite unless ``allow_inf``; strings are refused."""
+    hp.real(low=0, low_open=not allow_zero, inf=allow_inf).validate(value, what)
+    return float(value)
 
 
 def check_int(value: Any, what: str, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
-    """Validate an integer hyperparameter (bools and non-integral floats are refused)."""
-    if value is None and allow_none:
-        return None
-    kind = {None: "an integer", 1: "a positive integer", 0: "a non-negative integer"}.get(minimum, "an integer")
-    if (isinstance(value, bool) or not isinstance(value, (int, np.integer, float, np.floating))
-            or not np.isfinite(value) or value != int(value)):
-        raise ConfigError(f"{what} must be {kind}{' or None' if allow_none else ''}, got {value!r}.")
-    if minimum is not None and int(value) < minimum:
-        raise ConfigError(f"{what} must be {kind if minimum in (0, 1) else f'>= {minimum}'}, got {value!r}.")
-    return int(value)
+    """An integer (bools, floats and strings are refused) >= ``minimum``."""
+    hp.integer(minimum=minimum, none=allow_none).validate(value, what)
+    return None if value is None else int(value)
 
 
 def check_bool(value: Any, what: str) -> bool:
-    """Validate a boolean hyperparameter: only True/False (a string "false" from a config file is refused,
-    since ``bool("false")`` is True)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise ConfigError(f"{what} must be true or false, got {value!r}.")
+    """Only True/False (a string "false" from a config file is refused, since ``bool("false")`` is True)."""
+    hp.boolean().validate(value, what)
+    return bool(value)
 
 
 def check_number(value: Any, what: str, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False) -> float:
-    """Validate a real hyperparameter in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ConfigError(f"{what} must be a number, got {value!r}.")
-    v = float(value)
-    bad = np.isnan(v) or (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high)
-    if bad:
-        lo = "" if low is None else f"{'(' if low_open else '['}{low}"
-        raise ConfigError(f"{what} must be in {lo}, {high}], got {value!r}.")
-    return v
+    """A real number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    hp.real(low=low, high=high, low_open=low_open, inf=high is None).validate(value, what)
+    return float(value)
 
 
 def check_open_fraction(value: Any, what: str) -> float:
-    """``value`` as a float strictly between 0 and 1 (a split of the validation data)."""
-    if not 0 < float(value) < 1:
-        raise ConfigError(f"{what} must be in (0, 1), got {value!r}.")
+    """A real number strictly between 0 and 1 (a split of the validation data)."""
+    hp.real(low=0, high=1, low_open=True, high_open=True).validate(value, what)
     return float(value)
 
 
 def check_choice(value: Any, what: str, choices: Sequence[Any]) -> Any:
-    if value not in choices:
-        raise ConfigError(f"{what} must be one of {list(choices)}, got {value!r}.")
+    hp.choice(*choices).validate(value, what)
     return value

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
 from ..signals import ProbeBatch, Request, Signals, tensor_digest
-from ._ensemble import LayerCombiner, check_combine, select_on_halves
+from . import _hyperparams as hp
+from ._checks import pending_samples, warn_if_costly
+from ._ensemble import LayerCombiner, select_on_halves
 from .._passes import batch_input_grad
-from ._perturb import check_eps, check_grid, step
-from .base import Detector, check_choice, check_open_fraction, register, register_variant
+from ._perturb import batch_rows, shift, step
+from . import _papers
+from .base import Detector, register, register_variant
 
 #: the official code's epsilon grid (the paper's is 0 to 0.2 in steps of 0.01)
 FSSD_CODE_EPSILONS = (0.2, 0.18, 0.16, 0.14, 0.12, 0.1, 0.08, 0.06, 0.04, 0.02, 0.01, 0.008, 0.006, 0.004,
                       0.002, 0.001, 0.0008, 0.0006, 0.0004, 0.0002, 0.0001, 0.0)
 FSSD_PAPER_EPSILONS = tuple(round(0.01 * i, 2) for i in range(21))
+#: gradood's default tuning grid: 5 values over the same range, so tuning finishes in minutes on a CPU
+FSSD_DEFAULT_EPSILONS = (0.0, 0.001, 0.005, 0.02, 0.1)
+#: named eps grids (``grid=``): "default", "paper" (0 to 0.2 step 0.01, the paper's text), "code" (the
+#: official code's 22 values)
+FSSD_GRIDS = {"default": FSSD_DEFAULT_EPSILONS, "paper": FSSD_PAPER_EPSILONS, "code": FSSD_CODE_EPSILONS}
 
 
 def flat(a: torch.Tensor) -> torch.Tensor:
@@ -56,6 +64,7 @@ class SingularityDistances(Request):
     def compute(self, batch: ProbeBatch) -> torch.Tensor:
         cols = []
         for layer, c in zip(self.layers, self.centers):
+            self._check_size(layer, batch.taps[layer], c)
             if self.eps == 0:
                 feats = batch.taps[layer]
             else:
@@ -64,16 +73,27 @@ class SingularityDistances(Request):
             cols.append((flat(feats).double() - c.to(feats.device)).norm(dim=1))
         return torch.stack(cols, dim=1)
 
+    @staticmethod
+    def _check_size(layer: str, feats: torch.Tensor, c: torch.Tensor) -> None:
+        """The singularity was fitted on one model's layer: another model's layer of another size cannot be
+        compared with it (it would fail deep inside torch with "size of tensor a must match")."""
+        size = flat(feats).shape[1]
+        if size != c.numel():
+            raise InputError(
+                f"FSSD was fitted on a model whose layer {layer!r} has {c.numel()} values per sample, but the model "
+                f"these signals come from gives {size} (shape {tuple(feats.shape[1:])}): score with the model FSSD "
+                "was fitted on, or refit FSSD on this model's ID data."
+            )
+
     def _perturbed(self, batch: ProbeBatch, layer: str, c: torch.Tensor) -> torch.Tensor:
         dist = lambda _f, taps: (flat(taps[layer]) - c.to(taps[layer].device, taps[layer].dtype)).norm(dim=1)  # noqa: E731
         if self.mode == "paper":
             g = batch_input_grad(batch, dist, taps=(layer,))
             return step(batch.probe, batch.x, g, self.eps, direction=+1.0)
-        g = batch_input_grad(batch, lambda f, t: -dist(f, t) / batch.x.shape[0], taps=(layer,))
+        n = batch_rows(batch.x)
+        g = batch_input_grad(batch, lambda f, t: -dist(f, t) / n, taps=(layer,))
         g = (g - g.mean()) / g.std().clamp_min(1e-12)
-        from ..probe import input_step_scale
-
-        return (batch.x + self.eps * g * input_step_scale(batch.probe, batch.x)).detach()
+        return shift(batch.probe, batch.x, self.eps * g)
 
 
 @register("fssd")
@@ -96,32 +116,44 @@ class FSSD(Detector):
       OOD-tuned), or a layer name (that layer alone).
     * ``eps`` (0.0): input perturbation step; ``perturb_mode`` "paper" (default) or "code" (see
       :class:`SingularityDistances`); ``tune_eps`` (False): choose eps on the validation split from
-      ``epsilons`` (default: the official code's grid) -- OOD-tuned.
+      ``epsilons`` -- OOD-tuned. ``grid`` names the eps grid used when ``epsilons`` is None: "default"
+      (0, 0.001, 0.005, 0.02, 0.1: minutes on a CPU), "paper" (0 to 0.2 step 0.01) or "code" (the official
+      code's 22 values). Without ``id_val=`` the grid runs on every ID fit sample; above 200 000
+      sample-passes a warning gives the estimated time first.
     * ``n_noise`` (100), ``seed`` (0), ``val_split`` (0.5: with lr + tune_eps, the share of the validation
       split that fits the LR; the rest selects eps, as in the official code).
     """
 
     paper = "Huang et al., Feature Space Singularity for Out-of-Distribution Detection, SafeAI 2021 (arXiv 2011.14654)"
+    citation = _papers.FSSD
     signals = ("taps", "input-grads")
     fits_on_id = True
     needs_model = True
 
+    hyperparams = {"noise": hp.choice("code", "normalized"), "combine": hp.text(), "eps": hp.non_negative(),
+                   "perturb_mode": hp.choice("paper", "code"), "epsilons": hp.reals(low=0, none=True),
+                   "n_noise": hp.integer(minimum=1), "seed": hp.SEED,
+                   "val_split": hp.real(low=0, high=1, low_open=True, high_open=True), "grid": hp.choice(*FSSD_GRIDS)}
+
     def __init__(self, layers: Sequence[str] | None = None, noise: str = "code", combine: str = "mean-z",
                  eps: float = 0.0, perturb_mode: str = "paper", tune_eps: bool = False,
-                 epsilons: Sequence[float] = FSSD_CODE_EPSILONS, n_noise: int = 100, seed: int = 0,
-                 val_split: float = 0.5) -> None:
+                 epsilons: Sequence[float] | None = None, n_noise: int = 100, seed: int = 0,
+                 val_split: float = 0.5, grid: str = "default") -> None:
         self.layers = None if layers is None else tuple(layers)
-        self.noise = check_choice(noise, "noise", ("code", "normalized"))
-        self.combine = check_combine(combine)
-        self.eps = check_eps(eps)
-        self.perturb_mode = check_choice(perturb_mode, "perturb_mode", ("paper", "code"))
-        self.tune_eps = bool(tune_eps)
-        self.epsilons = check_grid(epsilons, "eps")
-        if int(n_noise) < 1:
-            raise ConfigError(f"n_noise must be >= 1, got {n_noise!r}.")
-        self.n_noise = int(n_noise)
-        self.seed = int(seed)
-        self.val_split = check_open_fraction(val_split, "val_split")
+        self.noise = noise
+        self.combine = combine
+        self.eps = eps
+        self.perturb_mode = perturb_mode
+        self.tune_eps = tune_eps
+        self.epsilons = None if epsilons is None else tuple(epsilons)
+        self.n_noise = n_noise
+        self.seed = seed
+        self.val_split = val_split
+        self.grid = grid
+
+    def eps_grid(self) -> tuple[float, ...]:
+        """The eps values ``tune_eps=True`` searches: ``epsilons`` if given, else the named ``grid``."""
+        return tuple(float(e) for e in (FSSD_GRIDS[self.grid] if self.epsilons is None else self.epsilons))
 
     @property
     def tunes_on_ood(self) -> bool:  # type: ignore[override]
@@ -140,6 +172,24 @@ class FSSD(Detector):
             return (torch.randint(0, 256, (self.n_noise, *shape), generator=g).float() - 127.5) / 255.0
         return torch.rand((self.n_noise, *shape), generator=g)
 
+    def _noise_inputs(self, probe: Any) -> Any:
+        """The uniform-noise inputs whose features define the singularity, shaped like the model's inputs
+        (for a dict input such as ``{"pixel_values": ...}``, under its only key)."""
+        from ..probe import EMBEDDINGS
+
+        target = probe.perturbation_target(probe._example)
+        if target == EMBEDDINGS or (target is not None and len(probe._example) != 1):
+            raise ConfigError(
+                "FSSD needs image-like inputs: its singularity is the mean feature map of uniform-noise inputs, "
+                "and there is no uniform noise over token ids (nor fixed-size feature maps over sequences of "
+                f"varying length). The inputs here are {sorted(probe._example) if isinstance(probe._example, dict) else 'token ids'}; "
+                "use another detector (e.g. mahalanobis, knn, vim, grodin) for text models."
+            )
+        shape = probe.input_shape if target is None else probe.input_shape[target]
+        noise = self._noise_pixels(tuple(shape))
+        x = (noise if self.noise == "code" else probe.to_model_space(noise)).to(probe.device, probe.dtype)
+        return x if target is None else {target: x}
+
     def _fit(self, signals: Signals, *, ood_val: Signals | None, id_val: Signals | None) -> None:
         probe = signals.probe
         if probe is None:
@@ -152,11 +202,10 @@ class FSSD(Detector):
         if self.combine not in ("mean-z", "lr") and self.combine not in layers:
             raise ConfigError(f"combine={self.combine!r} is neither 'mean-z', 'lr' nor one of the layers {layers}.")
         self.layers_ = tuple(layers)
-        noise = self._noise_pixels(tuple(probe.input_shape))
-        x = (noise if self.noise == "code" else probe.to_model_space(noise)).to(probe.device, probe.dtype)
+        x = self._noise_inputs(probe)
         out = probe.forward(x, self.layers_, validate=False)
         self.centers_ = tuple(flat(out.taps[k]).double().mean(dim=0).cpu() for k in self.layers_)
-        self.eps_ = self.eps
+        self.eps_ = float(self.eps)
         if self.tune_eps:
             assert ood_val is not None
             self.eps_ = self._select_eps(id_val if id_val is not None else signals, ood_val)
@@ -171,7 +220,14 @@ class FSSD(Detector):
         the other half (the official code's val_for_train / val_for_test protocol)."""
         from ..metrics import auroc
 
-        grid = [self._request(eps) for eps in self.epsilons]
+        epsilons = self.eps_grid()
+        grid = [self._request(eps) for eps in epsilons]
+        warn_if_costly(self.label, f"the eps grid ({len(epsilons)} values) over {len(self.layers_)} layers",
+                       pending_samples([id_val, ood_val], grid[-1]),
+                       3 * len(self.layers_) * sum(e > 0 for e in epsilons),
+                       "Pass id_val= (a smaller ID validation split; without it the grid runs on every ID fit "
+                       "sample), grid='default', fewer epsilons= or a fixed eps= with tune_eps=False.",
+                       timing_from=id_val)
         id_val.require(grid)  # one pass per split for the whole grid; the halves index the results
         ood_val.require(grid)
 
@@ -181,7 +237,7 @@ class FSSD(Detector):
                                                                                  ood_val=ood_a)
             return auroc(comb.transform(id_b.get(r)).numpy(), comb.transform(ood_b.get(r)).numpy())
 
-        return select_on_halves(self.epsilons, id_val, ood_val, share=self.val_split, seed=self.seed,
+        return select_on_halves(epsilons, id_val, ood_val, share=self.val_split, seed=self.seed,
                                 auroc_of=auroc_of)
 
     # ------------------------------------------------------------------ scoring

@@ -15,13 +15,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..grads import per_sample_grad_sqnorms
 from ..signals import FEATURES, LOGITS, ProbeBatch, Request, Signals
+from . import _hyperparams as hp
+from ._checks import pending_samples, warn_if_costly
 from .._passes import batch_input_grad
-from ._perturb import check_eps, check_grid, pred_ce, step
-from .base import Detector, check_choice, check_positive, register, register_variant
-from .odin import ODIN_EPSILONS, ODIN_TEMPERATURES, grid_auroc
+from ._perturb import pred_ce, step
+from . import _papers
+from .base import Detector, register, register_variant
+from .odin import ODIN_GRIDS, grid_auroc, resolve_grid
 
 PARTS = ("G", "SG", "S")
 
@@ -75,16 +77,19 @@ class GrodinStats(Request):
         if self.last_layer:
             out = batch if eps == 0 else batch.probe.forward(x, validate=False)
             return head_stats(out.logits, out.features, T)
-        with batch.probe.eval_mode():
-            sq, out = per_sample_grad_sqnorms(batch.probe.model, x, lambda o, T=T: pred_ce(o, T),
+        probe = batch.probe
+        # the model may return a tuple/dict/ModelOutput: the loss and S read its logits; shifted token inputs
+        # (eps > 0 on text) run with their embedding shift hooked in
+        with probe.eval_mode(), probe.model_inputs(x) as inputs:
+            sq, out = per_sample_grad_sqnorms(probe.model, inputs, lambda o, T=T: pred_ce(probe.output_logits(o), T),
                                               params=self.params, return_output=True)
-        s = torch.softmax(out.detach().double() / T, dim=1).amax(dim=1)
+        s = torch.softmax(probe.output_logits(out).detach().double() / T, dim=1).amax(dim=1)
         return s, sq.double()
 
 
 @register("grodin")
 class GRODIN(Detector):
-    """GRODIN (Chen et al., "GRODIN: improved large-scale out-of-domain detection via back-propagation").
+    """GRODIN (Yengalych et al., "GRODIN: improved large-scale out-of-domain detection via back-propagation").
 
     ``part``: "G" (default) scores ``-||G||^2 = -||grad_theta l_T||^2 / S^2``; "SG" scores
     ``-||grad_theta l_T||^2``; "S" scores S (= ODIN). Higher = more ID (training drives the gradient of ID
@@ -93,29 +98,45 @@ class GRODIN(Detector):
     layers) or a list of names. Inputs: the model (per-sample parameter gradients + input gradients).
 
     ``temperature`` (1) and ``eps`` (0) are used as given ("vanilla" GRODIN, OOD-agnostic); ``tune=True``
-    picks them on an OOD validation split from ``temperatures`` x ``epsilons`` (the paper's grid: the ODIN
-    grid, 10 x 21) by AUROC -- then OOD-tuned. Cost per sample: forward + backward (+ forward + backward
+    picks them on an OOD validation split from ``temperatures`` x ``epsilons`` by AUROC -- then OOD-tuned.
+    The grid is ODIN's: ``grid="default"`` (4 x 4, minutes on a CPU) or ``grid="paper"`` (the ODIN grid,
+    10 x 21, as in the paper); explicit ``temperatures=`` / ``epsilons=`` replace the named grid's. Cost per sample: forward + backward (+ forward + backward
     for the perturbation when eps > 0), batched.
     """
 
-    paper = "Sokolov et al., GRODIN: Improved Large-Scale Out-of-Domain Detection via Back-propagation, 2023"
+    paper = "Yengalych, Kuralenok & Ershov, GRODIN: Improved Large-Scale Out-of-Domain Detection via Back-propagation, OpenReview"
+    citation = _papers.GRODIN
     signals = ("param-grads", "input-grads")
     needs_model = True
     last_layer = False
 
+    hyperparams = {"part": hp.choice(*PARTS), "temperature": hp.positive(), "eps": hp.non_negative(),
+                   "temperatures": hp.reals(low=0, low_open=True, none=True), "epsilons": hp.reals(low=0, none=True),
+                   "params": hp.PARAM_SCOPE, "grid": hp.choice(*ODIN_GRIDS)}
+
     def __init__(self, part: str = "G", temperature: float = 1.0, eps: float = 0.0, tune: bool = False,
-                 temperatures: Sequence[float] = ODIN_TEMPERATURES, epsilons: Sequence[float] = ODIN_EPSILONS,
-                 params: Any = "all") -> None:
-        self.part = check_choice(part, "part", PARTS)
-        self.temperature = check_positive(temperature, "temperature")
-        self.eps = check_eps(eps)
-        self.tune = bool(tune)
-        self.temperatures = check_grid(temperatures, "temperature", positive=True)
-        self.epsilons = check_grid(epsilons, "eps")
-        if not (params == "all" or isinstance(params, int) or
-                (isinstance(params, (list, tuple)) and all(isinstance(p, str) for p in params))):
-            raise ConfigError(f"params must be 'all', an int or a list of parameter names, got {params!r}.")
+                 temperatures: Sequence[float] | None = None, epsilons: Sequence[float] | None = None,
+                 params: Any = "all", grid: str = "default") -> None:
+        self.part = part
+        self.temperature = temperature
+        self.eps = eps
+        self.tune = tune
+        self.temperatures = None if temperatures is None else tuple(temperatures)
+        self.epsilons = None if epsilons is None else tuple(epsilons)
         self.params = tuple(params) if isinstance(params, list) else params
+        self.grid = grid
+
+    def tuning_grid(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The (temperatures, epsilons) that ``tune=True`` searches."""
+        return resolve_grid(self.grid, self.temperatures, self.epsilons)
+
+    def _grid_passes(self, temps: Sequence[float], epsilons: Sequence[float]) -> int:
+        """Forward/backward passes per sample of :class:`GrodinStats`: per T an input gradient when some eps
+        is nonzero, and per (T, eps) the engine's forward + backward (the head's closed form: a forward at a
+        perturbed input only)."""
+        nonzero = sum(e > 0 for e in epsilons)
+        per_t = (2 if nonzero else 0) + (nonzero if self.last_layer else 2 * len(epsilons))
+        return len(temps) * per_t
 
     @property
     def tunes_on_ood(self) -> bool:  # type: ignore[override]
@@ -129,7 +150,7 @@ class GRODIN(Detector):
                 "the paper's vanilla setting).")
 
     def _chosen(self) -> tuple[float, float]:
-        return (self.temperature_, self.eps_) if self.tune else (self.temperature, self.eps)
+        return (self.temperature_, self.eps_) if self.tune else (float(self.temperature), float(self.eps))
 
     def requests(self) -> list[Request]:
         T, eps = self._chosen()
@@ -151,13 +172,18 @@ class GRODIN(Detector):
         if not self.tune:
             return
         assert ood_val is not None
-        grid = self._request(self.temperatures, self.epsilons)
+        temps, epsilons = self.tuning_grid()
+        grid = self._request(temps, epsilons)
         id_s = id_val if id_val is not None else signals
+        warn_if_costly(self.label, f"the tuning grid ({len(temps)} temperatures x {len(epsilons)} eps)",
+                       pending_samples([id_s, ood_val], grid), self._grid_passes(temps, epsilons),
+                       "Pass a smaller id_val= split, grid='default' or fewer temperatures=/epsilons=.",
+                       timing_from=id_s)
         aucs = grid_auroc(self.part_scores(id_s.get(grid)), self.part_scores(ood_val.get(grid)))
         best = int(np.argmax(aucs))
-        self.temperature_ = self.temperatures[best // len(self.epsilons)]
-        self.eps_ = self.epsilons[best % len(self.epsilons)]
-        self.grid_auroc_ = aucs.reshape(len(self.temperatures), len(self.epsilons))
+        self.temperature_ = temps[best // len(epsilons)]
+        self.eps_ = epsilons[best % len(epsilons)]
+        self.grid_auroc_ = aucs.reshape(len(temps), len(epsilons))
 
     def _score(self, signals: Signals) -> torch.Tensor:
         return self.part_scores(signals.get(self.requests()[0]))[:, 0]

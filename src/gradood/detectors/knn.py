@@ -6,7 +6,9 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..signals import FEATURES, Request, Signals
-from .base import Detector, check_bool, check_choice, check_int, check_number, register
+from . import _papers
+from . import _hyperparams as hp
+from .base import Detector, register
 
 
 def normalize_rows(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -68,16 +70,20 @@ class KNN(Detector):
     """
 
     paper = "Sun, Ming, Zhu & Li, Out-of-Distribution Detection with Deep Nearest Neighbors, ICML 2022"
+    citation = _papers.KNN
     signals = ("features",)
     fits_on_id = True
 
+    hyperparams = {"k": hp.integer(minimum=1), "fraction": hp.real(low=0, high=1, low_open=True),
+                   "backend": hp.choice("auto", "torch", "faiss"), "seed": hp.SEED}
+
     def __init__(self, k: int = 50, normalize: bool = True, fraction: float = 1.0, backend: str = "auto",
                  seed: int = 0) -> None:
-        self.k = check_int(k, "k", minimum=1)
-        self.normalize = check_bool(normalize, "normalize")
-        self.fraction = check_number(fraction, "fraction", low=0, high=1, low_open=True)
-        self.backend = check_choice(backend, "backend", ("auto", "torch", "faiss"))
-        self.seed = check_int(seed, "seed")
+        self.k = k
+        self.normalize = normalize
+        self.fraction = fraction
+        self.backend = backend
+        self.seed = seed
         if backend == "faiss" and not _faiss_available():
             raise ConfigError("backend='faiss' needs the faiss-cpu package: pip install faiss-cpu (or backend='torch').")
 

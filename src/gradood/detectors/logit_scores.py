@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 from ..signals import LOGITS, Signals
-from .base import Detector, check_positive, register
+from . import _papers
+from . import _hyperparams as hp
+from .base import Detector, register
 
 
 @register("msp")
@@ -20,9 +22,12 @@ class MSP(Detector):
     """
 
     paper = "Hendrycks & Gimpel, A Baseline for Detecting Misclassified and OOD Examples, ICLR 2017"
+    citation = _papers.MSP
+
+    hyperparams = {"temperature": hp.positive()}
 
     def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = check_positive(temperature, "temperature")
+        self.temperature = temperature
 
     def _score(self, signals: Signals) -> torch.Tensor:
         return torch.softmax(signals.logits.float() / self.temperature, dim=1).amax(dim=1)
@@ -36,6 +41,7 @@ class MaxLogit(Detector):
     """
 
     paper = "Hendrycks et al., Scaling Out-of-Distribution Detection for Real-World Settings, ICML 2022"
+    citation = _papers.SCALING_OOD
 
     def _score(self, signals: Signals) -> torch.Tensor:
         return signals.logits.amax(dim=1)
@@ -50,9 +56,12 @@ class Energy(Detector):
     """
 
     paper = "Liu et al., Energy-based Out-of-distribution Detection, NeurIPS 2020"
+    citation = _papers.ENERGY
+
+    hyperparams = {"temperature": hp.positive()}
 
     def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = check_positive(temperature, "temperature")
+        self.temperature = temperature
 
     def _score(self, signals: Signals) -> torch.Tensor:
         T = self.temperature
@@ -70,10 +79,13 @@ class KLMatching(Detector):
     """
 
     paper = "Hendrycks et al., Scaling Out-of-Distribution Detection for Real-World Settings, ICML 2022"
+    citation = _papers.SCALING_OOD
     fits_on_id = True
 
+    hyperparams = {"smoothing": hp.real(low=0, high=1, low_open=True)}
+
     def __init__(self, smoothing: float = 1e-8) -> None:
-        self.smoothing = check_positive(smoothing, "smoothing")
+        self.smoothing = smoothing
 
     def _fit(self, signals: Signals, **_: object) -> None:
         p = torch.softmax(signals.logits.double(), dim=1)
@@ -81,12 +93,7 @@ class KLMatching(Detector):
         pred = p.argmax(dim=1)
         sums = torch.zeros(C, C, dtype=torch.float64).index_add_(0, pred, p)
         counts = torch.bincount(pred, minlength=C).double()
-        templates = torch.eye(C, dtype=torch.float64)
-        seen = counts > 0
-        templates[seen] = sums[seen] / counts[seen, None]
-        s = self.smoothing
-        self.templates_ = (1 - s) * templates + s / C
-        self.class_counts_ = counts.long()
+        self.templates_, self.class_counts_ = kl_templates(sums, counts, self.smoothing)
 
     def _score(self, signals: Signals) -> torch.Tensor:
         p = torch.softmax(signals.logits.double(), dim=1)
@@ -94,6 +101,17 @@ class KLMatching(Detector):
         neg_entropy = torch.special.xlogy(p, p).sum(dim=1, keepdim=True)
         kl = neg_entropy - p @ self.templates_.log().T
         return -kl.amin(dim=1)
+
+
+def kl_templates(sums: torch.Tensor, counts: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL-matching's templates from per-predicted-class softmax sums (``C x C``) and counts (``C``): the mean
+    softmax of each class, one-hot for classes nobody is predicted as, mixed with uniform by ``smoothing``.
+    Shared by the in-memory fit and the fit from shards (:mod:`gradood.stream`)."""
+    C = sums.shape[0]
+    templates = torch.eye(C, dtype=torch.float64)
+    seen = counts > 0
+    templates[seen] = sums[seen] / counts[seen, None]
+    return (1 - smoothing) * templates + smoothing / C, counts.long()
 
 
 __all__ = ["MSP", "MaxLogit", "Energy", "KLMatching", "LOGITS"]

@@ -12,7 +12,6 @@ MSP / Energy / Mahalanobis. Everything streams over batches; only P x K basis an
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._batches import num_rows
 from ..errors import ConfigError, InputError
 from ..grads import GradBasis, GradMoments, grad_moments, per_sample_grad_projections, weighted_grad_sums
 from ..signals import FEATURES, LOGITS, ProbeBatch, Request, Signals
-from .base import Detector, check_choice, register, register_variant
+from . import _papers
+from . import _hyperparams as hp
+from ._checks import class_labels
+from .base import Detector, register, register_variant
 from .knn import kth_neighbour_sqdist, normalize_rows
 from .mahalanobis import TiedGaussian
 
@@ -33,6 +36,11 @@ HEADS = ("knn", "msp", "energy", "mahalanobis")
 def energy_loss(out: torch.Tensor) -> torch.Tensor:
     """Wu et al.'s gradient target: the energy ``LSE(f)`` at T = 1, not negated."""
     return torch.logsumexp(out, dim=1)
+
+
+def probe_energy_loss(probe: Any) -> Any:
+    """:func:`energy_loss` of the logits in the model's output (a tensor, tuple, dict or ``ModelOutput``)."""
+    return lambda out: energy_loss(probe.output_logits(out))
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +69,8 @@ class GradProjections(Request):
 
     def compute(self, batch: ProbeBatch) -> torch.Tensor:
         with batch.probe.eval_mode():
-            return per_sample_grad_projections(batch.probe.model, batch.x, energy_loss, self.basis.basis).double()
+            return per_sample_grad_projections(batch.probe.model, batch.x, probe_energy_loss(batch.probe),
+                                               self.basis.basis).double()
 
 
 def _iter_fit_batches(signals: Signals, n_fit: int | None, seed: int):
@@ -85,6 +94,7 @@ class SubspaceFit:
     def __init__(self, signals: Signals, params: Any, progress: bool) -> None:
         self.signals = signals
         self.model = signals.probe.model
+        self.loss = probe_energy_loss(signals.probe)
         self.params = params
         self.progress = progress
 
@@ -100,7 +110,7 @@ class SubspaceFit:
         mom = GradMoments()
         with self.signals.probe.eval_mode():
             for x, _ in self._bar("lowdim: gradient moments"):
-                grad_moments(self.model, x, energy_loss, params=self.params, into=mom)
+                grad_moments(self.model, x, self.loss, params=self.params, into=mom)
         return {k: v.cpu() for k, v in mom.mean().items()}, {k: v.cpu() for k, v in mom.inverse_std().items()}
 
     def weighted(self, weights: torch.Tensor, desc: str) -> dict[str, torch.Tensor]:
@@ -109,9 +119,10 @@ class SubspaceFit:
         start = 0
         with self.signals.probe.eval_mode():
             for x, _ in self._bar(desc):
-                w = weights[start: start + x.shape[0]]
-                start += x.shape[0]
-                out = weighted_grad_sums(self.model, x, energy_loss, w, params=self.params, into=out)
+                n = num_rows(x)
+                w = weights[start: start + n]
+                start += n
+                out = weighted_grad_sums(self.model, x, self.loss, w, params=self.params, into=out)
         assert out is not None
         return {k: v.double().cpu() for k, v in out.items()}
 
@@ -122,7 +133,7 @@ class SubspaceFit:
         rows = []
         with self.signals.probe.eval_mode():
             for x, _ in self._bar(desc):
-                rows.append(per_sample_grad_projections(self.model, x, energy_loss, basis).double().cpu())
+                rows.append(per_sample_grad_projections(self.model, x, self.loss, basis).double().cpu())
         return torch.cat(rows)
 
 
@@ -154,9 +165,7 @@ def fit_subspace(signals: Signals, *, subspace: str, k_dims: int, power_iters: i
             )
         v = _power_iteration(fit, mu, inv, k_dims, power_iters, seed, n)
     else:
-        y = signals.labels
-        if y is None:
-            raise InputError("the average-gradient subspace needs the ID labels: pass (inputs, labels) data.")
+        y = class_labels(signals, "lowdim (average-gradient subspace)")
         C = int(y.max()) + 1
         onehot = torch.zeros(n, C, dtype=torch.float64).scatter_(1, y.long().view(-1, 1), 1.0)
         counts = onehot.sum(0).clamp_min(1)
@@ -249,33 +258,29 @@ class LowDimGradient(Detector):
     """
 
     paper = "Wu et al., Low-Dimensional Gradient Helps Out-of-Distribution Detection, arXiv 2310.17163"
+    citation = _papers.LOWDIM
     signals = ("param-grads", "features")
     fits_on_id = True
     needs_model = True
 
+    hyperparams = {"subspace": hp.choice("pca", "average"), "k_dims": hp.integer(minimum=1), "head": hp.choice(*HEADS),
+                   "knn_k": hp.integer(minimum=1), "power_iters": hp.integer(minimum=0),
+                   "probe_epochs": hp.integer(minimum=1), "ensemble": hp.non_negative(),
+                   "n_fit": hp.integer(minimum=2, none=True), "params": hp.PARAM_SCOPE, "seed": hp.SEED}
+
     def __init__(self, subspace: str = "pca", k_dims: int = 32, head: str = "knn", knn_k: int = 5,
                  power_iters: int = 2, probe_epochs: int = 10, ensemble: float = 0.0, n_fit: int | None = 5000,
                  params: Any = "all", seed: int = 0) -> None:
-        self.subspace = check_choice(subspace, "subspace", ("pca", "average"))
-        if int(k_dims) < 1:
-            raise ConfigError(f"k_dims must be >= 1, got {k_dims!r}.")
-        self.k_dims = int(k_dims)
-        self.head = check_choice(head, "head", HEADS)
-        if int(knn_k) < 1:
-            raise ConfigError(f"knn_k must be >= 1, got {knn_k!r}.")
-        self.knn_k = int(knn_k)
-        if int(power_iters) < 0:
-            raise ConfigError(f"power_iters must be >= 0, got {power_iters!r}.")
-        self.power_iters = int(power_iters)
-        self.probe_epochs = int(probe_epochs)
-        if not math.isfinite(float(ensemble)) or float(ensemble) < 0:
-            raise ConfigError(f"ensemble must be a finite weight >= 0, got {ensemble!r}.")
-        self.ensemble = float(ensemble)
-        if n_fit is not None and int(n_fit) < 2:
-            raise ConfigError(f"n_fit must be >= 2 or None, got {n_fit!r}.")
-        self.n_fit = None if n_fit is None else int(n_fit)
-        self.params = params
-        self.seed = int(seed)
+        self.subspace = subspace
+        self.k_dims = k_dims
+        self.head = head
+        self.knn_k = knn_k
+        self.power_iters = power_iters
+        self.probe_epochs = probe_epochs
+        self.ensemble = ensemble
+        self.n_fit = n_fit
+        self.params = tuple(params) if isinstance(params, list) else params
+        self.seed = seed
 
     def fit_requests(self) -> list[Request]:
         return [LOGITS, FEATURES]
@@ -294,21 +299,21 @@ class LowDimGradient(Detector):
         return memo[key]
 
     def _fit(self, signals: Signals, **_: object) -> None:
+        if self.subspace == "average" or self.head != "knn":
+            class_labels(signals, self.label)  # before the gradient passes, not after them
         self.basis_, fit_data = self._basis_for(signals)
         self.request_ = GradProjections(self.basis_, self.params)
         z = fit_data.get(self.request_)
         self.k_dims_ = z.shape[1]
-        y = fit_data.labels
         if self.head == "knn":
             self.bank_ = normalize_rows(z.float())
             if self.knn_k > len(self.bank_):
                 raise InputError(f"knn_k={self.knn_k} exceeds the {len(self.bank_)} fit samples.")
         else:
-            if y is None:
-                raise InputError(f"the {self.head} head trains a probe on the ID labels: pass (inputs, labels) data.")
+            y = class_labels(fit_data, self.label)
             self.probe_ = train_probe(z, y, self.probe_epochs, self.seed)
             if self.head == "mahalanobis":
-                self.gaussian_ = TiedGaussian.fit(z, y)
+                self.gaussian_ = TiedGaussian.fit(z, y, who=self.label, data=f"{fit_data.name!r} (gradient projections)")
         if self.ensemble > 0:
             self._fit_forward(fit_data, z)
 
@@ -337,7 +342,8 @@ class LowDimGradient(Detector):
         if self.head == "knn":
             self.fwd_bank_ = normalize_rows(fit_data.features.float())
         if self.head == "mahalanobis":
-            self.fwd_gaussian_ = TiedGaussian.fit(fit_data.features, fit_data.labels)
+            self.fwd_gaussian_ = TiedGaussian.fit(fit_data.features, class_labels(fit_data, self.label), who=self.label,
+                                                  data=f"{fit_data.name!r} (penultimate features)")
         sg, sf = self._grad_scores(z), self._forward_scores(fit_data)
         self.z_stats_ = (float(sg.mean()), float(sg.std()) or 1.0, float(sf.mean()), float(sf.std()) or 1.0)
 

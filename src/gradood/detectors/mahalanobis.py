@@ -9,10 +9,14 @@ import torch
 
 from ..errors import InputError
 from ..signals import FEATURES, ProbeBatch, Request, Signals, Tap, tensor_digest
-from ._ensemble import LayerCombiner, check_combine, select_on_halves
+from ._ensemble import LayerCombiner, select_on_halves
 from .._passes import batch_input_grad
-from ._perturb import check_eps, check_grid, input_grad, pred_ce, step
-from .base import Detector, check_choice, check_open_fraction, register, register_variant
+from ._perturb import input_grad, pred_ce, step
+from . import _papers
+from . import _hyperparams as hp
+from ._checks import (check_label_values, class_labels, constant_units, covariance_rank, pending_samples,
+                      warn_degenerate, warn_if_costly)
+from .base import Detector, register, register_variant
 
 
 @dataclass
@@ -23,11 +27,18 @@ class TiedGaussian:
     precision: torch.Tensor  # D x D
 
     @classmethod
-    def fit(cls, feats: torch.Tensor, labels: torch.Tensor, n_classes: int | None = None) -> "TiedGaussian":
+    def fit(cls, feats: torch.Tensor, labels: torch.Tensor, n_classes: int | None = None, *, ridge: float = 0.0,
+            who: str = "Mahalanobis", data: str = "the ID fit data") -> "TiedGaussian":
         """Means per class and ``Sigma = (1/N) sum_c sum_{i in c} (f_i - mu_c)(f_i - mu_c)^T``
-        (sklearn ``EmpiricalCovariance`` on class-centred features; precision by ``pinvh``, as sklearn)."""
+        (sklearn ``EmpiricalCovariance`` on class-centred features; precision by ``pinvh``, as sklearn).
+
+        ``ridge > 0`` inverts ``Sigma + ridge * (tr Sigma / D) * I`` instead (a ridge relative to the mean
+        variance). With ``ridge = 0`` a rank-deficient Sigma (dead units, N <= D) is pseudo-inverted and a
+        :class:`DegenerateFitWarning` names the rank: the distances then ignore the directions in which the
+        ID features never vary."""
         f = feats.double()
         y = labels.long()
+        check_label_values(y, who, data, n_classes)
         C = int(n_classes if n_classes is not None else int(y.max()) + 1)
         counts = torch.bincount(y, minlength=C)
         if bool((counts == 0).any()):
@@ -39,6 +50,17 @@ class TiedGaussian:
         means = torch.zeros(C, f.shape[1], dtype=torch.float64).index_add_(0, y, f) / counts[:, None].double()
         centred = f - means[y]
         cov = centred.T @ centred / f.shape[0]
+        if ridge == 0:
+            _warn_if_rank_deficient(cov, f, who, data, C)
+        return cls.from_moments(means, cov, ridge=ridge)
+
+    @classmethod
+    def from_moments(cls, means: torch.Tensor, cov: torch.Tensor, *, ridge: float = 0.0) -> "TiedGaussian":
+        """The Gaussian of class means (``C x D``) and a tied covariance (``D x D``): :meth:`fit` and the fit
+        from shards (:mod:`gradood.stream`) both end here."""
+        if ridge > 0:
+            eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+            return cls(means=means, precision=torch.linalg.inv(cov + ridge * cov.diagonal().mean() * eye))
         return cls(means=means, precision=torch.linalg.pinv(cov, hermitian=True))
 
     def sqdists(self, feats: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -54,14 +76,28 @@ class TiedGaussian:
         return torch.cat(out)
 
 
-def _labels(signals: Signals) -> torch.Tensor:
-    y = signals.labels
-    if y is None:
-        raise InputError(
-            f"Mahalanobis fits class means on true labels, but {signals.name!r} has none: pass a loader yielding "
-            "(x, y), a tuple (inputs, labels), or Signals.from_arrays(..., labels=...)."
-        )
-    return y
+def _warn_if_rank_deficient(cov: torch.Tensor, f: torch.Tensor, who: str, data: str, n_classes: int) -> None:
+    D, N = cov.shape[0], f.shape[0]
+    rank = covariance_rank(cov)
+    if rank >= D:
+        return
+    dead = constant_units(f)
+    why = (f"{dead} of {D} units are constant (dead) on these samples" if dead else
+           f"N = {N} samples in {n_classes} classes span at most {max(N - n_classes, 0)} dimensions" if N - n_classes < D
+           else "the features are linearly dependent")
+    warn_degenerate(
+        f"{who}: the tied covariance of {data} has rank {rank} < D = {D} ({why}). gradood pseudo-inverts it, as "
+        f"scikit-learn's EmpiricalCovariance and the official code do: distances ignore the {D - rank} directions in "
+        "which the ID features never vary, so a sample that differs from ID only there is not penalised (a ridge, "
+        "as pytorch-ood uses, would penalise it heavily; the two rankings can differ). To choose: pass ridge=1e-6 "
+        "(Sigma + ridge * mean variance * I) for the ridge form, drop the constant units, or fit on more samples.",
+        stacklevel=6,
+    )
+
+
+def _labels(signals: Signals, who: str = "Mahalanobis") -> torch.Tensor:
+    """The checked true labels of ``signals`` (see :func:`~gradood.detectors._checks.class_labels`)."""
+    return class_labels(signals, who)
 
 
 @register("mahalanobis")
@@ -70,19 +106,33 @@ class Mahalanobis(Detector):
 
     Fit: class means ``mu_c`` from ID training features with their TRUE labels and one tied covariance
     (float64). Score ``max_c -(h - mu_c)^T Sigma^-1 (h - mu_c)``; higher = more ID. Inputs: penultimate
-    features + labels at fit time. No hyperparameters (single layer, no input preprocessing, no ensemble;
-    those are in ``mahalanobis-ensemble``).
+    features + labels at fit time (class indices; unlabelled ``-1`` samples are refused).
+
+    Hyperparameters: ``ridge`` (0.0): 0 pseudo-inverts the covariance (scikit-learn's ``EmpiricalCovariance``,
+    Lee et al.'s code, OpenOOD); a rank-deficient covariance (dead units, N <= D) then warns with its rank,
+    since distances ignore the directions the ID features never vary in. ``ridge > 0`` inverts
+    ``Sigma + ridge * (tr Sigma / D) I`` (pytorch-ood adds a fixed 1e-6 to the unnormalised scatter matrix),
+    which penalises those directions instead. Single layer, no input preprocessing, no ensemble: those are in
+    ``mahalanobis-ensemble``.
     """
 
     paper = "Lee, Lee, Lee & Shin, A Simple Unified Framework for Detecting OOD Samples and Adversarial Attacks, NeurIPS 2018"
+    citation = _papers.MAHALANOBIS
     signals = ("features",)
     fits_on_id = True
+
+    hyperparams = {"ridge": hp.non_negative()}
+
+    def __init__(self, ridge: float = 0.0) -> None:
+        self.ridge = ridge
 
     def requests(self) -> list[Request]:
         return [FEATURES]
 
     def _fit(self, signals: Signals, **_: object) -> None:
-        self.gaussian_ = TiedGaussian.fit(signals.features, _labels(signals))
+        y = class_labels(signals, "mahalanobis")
+        self.gaussian_ = TiedGaussian.fit(signals.features, y, ridge=self.ridge,
+                                          who="mahalanobis", data=f"{signals.name!r} (penultimate features)")
 
     def _score(self, signals: Signals) -> torch.Tensor:
         return -self.gaussian_.sqdists(signals.features).amin(dim=1)
@@ -176,22 +226,27 @@ class MahalanobisEnsemble(Detector):
     """
 
     paper = "Lee, Lee, Lee & Shin, A Simple Unified Framework for Detecting OOD Samples and Adversarial Attacks, NeurIPS 2018"
+    citation = _papers.MAHALANOBIS
     signals = ("taps", "input-grads")
     fits_on_id = True
     needs_model = True
+
+    hyperparams = {"eps": hp.non_negative(), "epsilons": hp.reals(low=0), "combine": hp.text(),
+                   "negatives": hp.choice("ood", "fgsm"), "fgsm_step": hp.non_negative(), "seed": hp.SEED,
+                   "val_split": hp.real(low=0, high=1, low_open=True, high_open=True)}
 
     def __init__(self, layers: Sequence[str] | None = None, eps: float = 0.0, tune_eps: bool = False,
                  epsilons: Sequence[float] = MAHALANOBIS_EPSILONS, combine: str = "lr", negatives: str = "ood",
                  fgsm_step: float = 0.05, seed: int = 0, val_split: float = 0.5) -> None:
         self.layers = None if layers is None else tuple(layers)
-        self.eps = check_eps(eps)
-        self.tune_eps = bool(tune_eps)
-        self.epsilons = check_grid(epsilons, "eps")
-        self.combine = check_combine(combine)
-        self.negatives = check_choice(negatives, "negatives", ("ood", "fgsm"))
-        self.fgsm_step = check_eps(fgsm_step, "fgsm_step")
-        self.seed = int(seed)
-        self.val_split = check_open_fraction(val_split, "val_split")
+        self.eps = eps
+        self.tune_eps = tune_eps
+        self.epsilons = tuple(epsilons)
+        self.combine = combine
+        self.negatives = negatives
+        self.fgsm_step = fgsm_step
+        self.seed = seed
+        self.val_split = val_split
 
     @property
     def tunes_on_ood(self) -> bool:  # type: ignore[override]
@@ -215,10 +270,12 @@ class MahalanobisEnsemble(Detector):
 
     def _fit(self, signals: Signals, *, ood_val: Signals | None, id_val: Signals | None) -> None:
         self.layers_ = self._resolve_layers(signals)
-        labels = _labels(signals)
+        labels = class_labels(signals, self.label)
         signals.require([Tap(layer, "mean") for layer in self.layers_])
-        self.gaussians_ = tuple(TiedGaussian.fit(signals.get(Tap(layer, "mean")), labels) for layer in self.layers_)
-        self.eps_ = self.eps
+        self.gaussians_ = tuple(TiedGaussian.fit(signals.get(Tap(layer, "mean")), labels, who=self.label,
+                                                 data=f"{signals.name!r} at layer {layer!r}")
+                                for layer in self.layers_)
+        self.eps_ = float(self.eps)
         id_v = id_val if id_val is not None else signals
         if self.tune_eps:
             self.eps_ = self._select_eps(id_v, ood_val)
@@ -236,9 +293,11 @@ class MahalanobisEnsemble(Detector):
     def _select_eps(self, id_val: Signals, ood_val: Signals | None) -> float:
         from ..metrics import auroc
 
-        grid = [self._request(eps) for eps in self.epsilons]
+        epsilons = tuple(float(e) for e in self.epsilons)
+        grid = [self._request(eps) for eps in epsilons]
         if self.negatives == "fgsm":
-            grid += [self._request(eps, self.fgsm_step) for eps in self.epsilons]
+            grid += [self._request(eps, self.fgsm_step) for eps in epsilons]
+        self._warn_cost(grid, epsilons, id_val, ood_val)
         id_val.require(grid)  # one pass for the whole grid; the halves index the results
         if self.negatives == "ood":
             assert ood_val is not None
@@ -250,8 +309,21 @@ class MahalanobisEnsemble(Detector):
             neg = ood_b.get(r) if ood_b is not None else id_b.get(self._request(eps, self.fgsm_step))
             return auroc(comb.transform(id_b.get(r)).numpy(), comb.transform(neg).numpy())
 
-        return select_on_halves(self.epsilons, id_val, ood_val if self.negatives == "ood" else None,
+        return select_on_halves(epsilons, id_val, ood_val if self.negatives == "ood" else None,
                                 share=self.val_split, seed=self.seed, auroc_of=auroc_of)
+
+    def _warn_cost(self, grid: list[Request], epsilons: tuple[float, ...], id_val: Signals,
+                   ood_val: Signals | None) -> None:
+        """Per nonzero eps and layer: an input gradient (forward + backward) and a forward at the perturbed
+        input; FGSM negatives add the FGSM step (forward + backward + forward) per eps."""
+        L = len(self.layers_)
+        per = sum(3 * L for e in epsilons if e > 0)
+        if self.negatives == "fgsm":
+            per += sum(3 + 3 * L * (e > 0) for e in epsilons)
+        splits = [id_val] + ([ood_val] if self.negatives == "ood" else [])
+        warn_if_costly(self.label, f"the eps grid ({len(epsilons)} values) over {L} layers", pending_samples(
+            splits, grid[-1]), per, "Pass a smaller id_val= split, fewer epsilons= or a fixed eps= with "
+            "tune_eps=False.", timing_from=id_val)
 
     def requests(self) -> list[Request]:
         return [self._request(self.eps_)]

@@ -18,7 +18,9 @@ from ..errors import ConfigError, InputError
 from ..grads.head import (NORMS, expected_logprob_grad_output_term, feature_norm, gini_impurity,
                           head_grad_norm, loss_delta)
 from ..signals import FEATURES, LOGITS, Request, Signals
-from .base import Detector, check_bool, check_choice, check_int, check_number, check_positive, register, register_variant
+from . import _papers
+from . import _hyperparams as hp
+from .base import Detector, register, register_variant
 
 
 class _LogitsFeatures(Detector):
@@ -69,13 +71,16 @@ class GradNorm(_LogitsFeatures):
     """
 
     paper = "Huang, Geng & Li, On the Importance of Gradients for Detecting Distributional Shifts in the Wild, NeurIPS 2021"
+    citation = _papers.GRADNORM
+
+    hyperparams = {"temperature": hp.positive(), "norm": hp.choice(*NORMS), "loss": hp.choice("kl_uniform", "ones")}
 
     def __init__(self, temperature: float = 1.0, norm: str = "l1", include_bias: bool = False,
                  loss: str = "kl_uniform") -> None:
-        self.temperature = check_positive(temperature, "temperature")
-        self.norm = check_choice(norm, "norm", NORMS)
-        self.include_bias = check_bool(include_bias, "include_bias")
-        self.loss = check_choice(loss, "loss", ("kl_uniform", "ones"))
+        self.temperature = temperature
+        self.norm = norm
+        self.include_bias = include_bias
+        self.loss = loss
 
     def _score(self, signals: Signals) -> torch.Tensor:
         f, h = _real(signals.logits), _real(signals.features)
@@ -97,13 +102,16 @@ class ExGrad(_LogitsFeatures):
     """
 
     paper = "Igoe, Mehta & Xu, How Useful are Gradients for OOD Detection Really?, arXiv 2205.10439"
+    citation = _papers.IGOE
+
+    hyperparams = {"temperature": hp.positive(), "norm": hp.choice(*NORMS)}
 
     def __init__(self, temperature: float = 1.0, norm: str = "l1", include_bias: bool = False,
                  higher_is_id: bool = False) -> None:
-        self.temperature = check_positive(temperature, "temperature")
-        self.norm = check_choice(norm, "norm", NORMS)
-        self.include_bias = check_bool(include_bias, "include_bias")
-        self.higher_is_id = check_bool(higher_is_id, "higher_is_id")
+        self.temperature = temperature
+        self.norm = norm
+        self.include_bias = include_bias
+        self.higher_is_id = higher_is_id
 
     def raw(self, signals: Signals) -> torch.Tensor:
         """The expected gradient norm itself (no sign flip)."""
@@ -135,12 +143,15 @@ class RG(_LogitsFeatures):
     """
 
     paper = "RG: Out-of-distribution detection with Reactivate GradNorm (energy x clipped feature norm)"
+    citation = _papers.RG
+
+    hyperparams = {"k": hp.positive(inf=True), "temperature": hp.positive(),
+                   "k_percentile": hp.real(low=0, high=100, low_open=True, none=True)}
 
     def __init__(self, k: float = 1.0, temperature: float = 1.0, k_percentile: float | None = None) -> None:
-        self.k = check_positive(k, "k", allow_inf=True)
-        self.temperature = check_positive(temperature, "temperature")
-        self.k_percentile = None if k_percentile is None else check_number(
-            k_percentile, "k_percentile", low=0, high=100, low_open=True)
+        self.k = k
+        self.temperature = temperature
+        self.k_percentile = k_percentile
 
     @property
     def fits_on_id(self) -> bool:  # type: ignore[override]
@@ -173,13 +184,17 @@ class RGAdditive(_LogitsFeatures):
     """
 
     paper = "RG: Out-of-distribution detection with Reactivate GradNorm, eq. 11/12"
+    citation = _papers.RG
     fits_on_id = True
 
+    hyperparams = {"k": hp.positive(inf=True), "m": hp.non_negative(), "n_fit": hp.integer(minimum=2),
+                   "seed": hp.SEED}
+
     def __init__(self, k: float = 1.0, m: float = 0.6, n_fit: int = 1000, seed: int = 0) -> None:
-        self.k = check_positive(k, "k", allow_inf=True)
-        self.m = check_positive(m, "m", allow_zero=True)
-        self.n_fit = check_int(n_fit, "n_fit", minimum=2)
-        self.seed = check_int(seed, "seed")
+        self.k = k
+        self.m = m
+        self.n_fit = n_fit
+        self.seed = seed
 
     def _fit(self, signals: Signals, **_: object) -> None:
         n = len(signals)
@@ -210,9 +225,10 @@ class SumExpGrad(_LogitsFeatures):
     """
 
     paper = "RG: Out-of-distribution detection with Reactivate GradNorm, eq. 5 (with the output term corrected)"
+    citation = _papers.RG
 
     def __init__(self, include_bias: bool = False) -> None:
-        self.include_bias = check_bool(include_bias, "include_bias")
+        self.include_bias = include_bias
 
     def _score(self, signals: Signals) -> torch.Tensor:
         f, h = _real(signals.logits), _real(signals.features)
@@ -275,14 +291,18 @@ class OutputFeature(_LogitsFeatures):
     """
 
     paper = "Igoe et al., arXiv 2205.10439; RG sections 3.1-3.2"
+    citation = _papers.IGOE
+
+    hyperparams = {"output_term": hp.choice(*OUTPUT_TERMS), "feature_term": hp.choice(*FEATURE_TERMS),
+                   "temperature": hp.positive(), "k": hp.positive(inf=True)}
 
     def __init__(self, output_term: str = "energy", feature_term: str = "l1", temperature: float = 1.0,
                  k: float = 1.0, higher_is_id: bool | None = None) -> None:
-        self.output_term = check_choice(output_term, "output_term", OUTPUT_TERMS)
-        self.feature_term = check_choice(feature_term, "feature_term", FEATURE_TERMS)
-        self.temperature = check_positive(temperature, "temperature")
-        self.k = check_positive(k, "k", allow_inf=True)
-        self.higher_is_id = None if higher_is_id is None else check_bool(higher_is_id, "higher_is_id")
+        self.output_term = output_term
+        self.feature_term = feature_term
+        self.temperature = temperature
+        self.k = k
+        self.higher_is_id = higher_is_id
 
     def _score(self, signals: Signals) -> torch.Tensor:
         u = _output_term(self.output_term, _real(signals.logits), self.temperature)

@@ -8,7 +8,9 @@ import torch
 
 from ..errors import InputError
 from ..signals import FEATURES, Request, Signals
-from .base import Detector, check_number, check_positive, register
+from . import _papers
+from . import _hyperparams as hp
+from .base import Detector, register
 from .output_feature import _percentile
 
 
@@ -25,12 +27,16 @@ class ReAct(Detector):
     """
 
     paper = "Sun, Guo & Li, ReAct: Out-of-distribution Detection With Rectified Activations, NeurIPS 2021"
+    citation = _papers.REACT
     signals = ("features",)
 
+    hyperparams = {"percentile": hp.real(low=0, high=100, low_open=True),
+                   "clip": hp.non_negative(inf=True, none=True), "temperature": hp.positive()}
+
     def __init__(self, percentile: float = 90.0, clip: float | None = None, temperature: float = 1.0) -> None:
-        self.percentile = check_number(percentile, "percentile", low=0, high=100, low_open=True)
-        self.clip = None if clip is None else check_positive(clip, "clip", allow_zero=True, allow_inf=True)
-        self.temperature = check_positive(temperature, "temperature")
+        self.percentile = percentile
+        self.clip = clip
+        self.temperature = temperature
 
     @property
     def fits_on_id(self) -> bool:  # type: ignore[override]
