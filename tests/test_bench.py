@@ -171,10 +171,22 @@ def test_changed_code_or_weights_never_reuse_cached_signals_or_results(finished_
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     if changed == "code":
-        real = runner.source_fingerprint
-        monkeypatch.setattr(runner, "source_fingerprint", lambda *parts: "edited-" + real(*parts))
+        from gradood import cache
+
+        real_code, real_source = cache.code_fingerprint, runner.source_fingerprint
+        monkeypatch.setattr(cache, "code_fingerprint", lambda cls: "edited-" + real_code(cls))
+        monkeypatch.setattr(runner, "source_fingerprint", lambda *parts: "edited-" + real_source(*parts))
     else:
-        monkeypatch.setattr(runner, "model_fingerprint", lambda model: "retrained")
+        real_load = runner.load_model
+
+        def retrained(name):
+            info = real_load(name)
+            with torch.no_grad():
+                next(info.model.parameters()).view(-1)[0] += 1e-3
+            info.fingerprint = runner.model_fingerprint(info.model)
+            return info
+
+        monkeypatch.setattr(runner, "load_model", retrained)
     calls = count_forward_passes(monkeypatch)
     assert run_cli("bench", str(spec), "--out", str(copy), "--quiet", "--no-report", "--detectors", "msp") == 0
     assert calls["n"] > 0, f"changed {changed}: the cached signals of the old {changed} must not be reused"

@@ -59,8 +59,9 @@ def test_cache_reload_does_not_run_the_model(tmp_path):
     x, y = _data()
     s1 = gradood.Probe(model).signals((x, y), batch_size=B, cache_dir=tmp_path, progress=False)
     s1.require([LOGITS, FEATURES])
-    assert (tmp_path / "meta.json").exists() and (tmp_path / "labels.npy").exists()
-    assert len(list(tmp_path.glob("*.npy"))) == 3  # logits, features, labels
+    arrays = sorted(tmp_path.rglob("*.npy"))
+    assert [p.parent.name.split("-")[0] for p in arrays] == ["features", "labels", "logits"]
+    assert all(p.with_name(p.name + ".sha256").exists() for p in arrays), "every array has its checksum file"
     assert _tmp_files(tmp_path) == []
 
     rec = Recorder(model)
@@ -78,7 +79,7 @@ def test_cache_without_labels_reloads_without_the_model(tmp_path):
     model = seeded(MLP, 0)
     x, _ = _data()
     gradood.Probe(model).signals(x, batch_size=B, cache_dir=tmp_path, progress=False).require([LOGITS])
-    assert (tmp_path / "labels.none").exists()
+    assert [p.read_bytes() for p in (tmp_path / "labels").glob("*.npy")] == [b"none"]
     rec = Recorder(model)
     s2 = gradood.Probe(model).signals(x, batch_size=B, cache_dir=tmp_path, progress=False)
     assert s2.labels is None
@@ -103,16 +104,16 @@ def test_new_requests_are_added_to_the_cache(tmp_path):
     assert rec.calls == 0
 
 
-def test_cache_of_other_data_size_is_refused(tmp_path):
+def test_cache_of_other_data_size_is_recomputed_with_a_warning(tmp_path):
     model = seeded(MLP, 0)
     x, y = _data()
     probe = gradood.Probe(model)
     probe.signals((x, y), batch_size=B, cache_dir=tmp_path, progress=False).require([LOGITS])
-    with pytest.raises(gradood.InputError) as e:
-        probe.signals((x[:30], y[:30]), batch_size=B, cache_dir=tmp_path, progress=False)
-    msg = str(e.value)
-    assert "40" in msg and "30" in msg and "other data" in msg
-    assert "Delete that folder or use another cache_dir" in msg
+    with pytest.warns(gradood.cache.CacheWarning, match=r"holds it only for other data; computing it under a new key"):
+        s2 = probe.signals((x[:30], y[:30]), batch_size=B, cache_dir=tmp_path, progress=False)
+        assert len(s2.logits) == 30
+    with torch.no_grad():
+        torch.testing.assert_close(s2.logits, model(x[:30]))
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
@@ -145,10 +146,10 @@ def test_resume_after_interruption(tmp_path, fmt):
     rec.handle.remove()
     partial = [p for p in tmp_path.iterdir() if p.name.startswith("partial-")]
     assert len(partial) == 1
-    assert sorted(p.name for p in partial[0].iterdir()) == ["shard-00000000-00000002.npz",
-                                                            "shard-00000002-00000004.npz"]
+    assert sorted(p.name for p in partial[0].glob("shard-*.npz")) == ["shard-00000000-00000002.npz",
+                                                                      "shard-00000002-00000004.npz"]
     assert _tmp_files(tmp_path) == []
-    assert not (tmp_path / "meta.json").exists()  # nothing final written
+    assert not [p for p in tmp_path.rglob("*.npy")]  # nothing final written
 
     # run 2 (a "new process": new probe): batches before the last checkpoint are not recomputed
     rec = Recorder(model)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from torch import nn
 from ._batches import Inputs, as_inputs, check_equal_lengths, take_rows
 from ._head import find_head, is_head_candidate, pool_positions
 from .errors import InputError, ModelError
+
+if TYPE_CHECKING:  # annotations only (signals imports probe)
+    from .signals import Signals
 
 
 #: :meth:`Probe.perturbation_target` for inputs perturbed through their token embeddings

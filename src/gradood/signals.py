@@ -3,19 +3,17 @@
 A :class:`Request` names one per-sample signal and says how to compute it from one batch (the shared
 forward pass's logits, features and layer taps, plus the model for gradient or perturbation work).
 :class:`Signals` holds the signals of one dataset under one model: it computes every missing request in a
-single streaming pass over the data, keeps the results (on CPU, and on disk when given a cache folder,
-written atomically and resumable after an interruption), and serves them to any number of detectors.
+single streaming pass over the data, keeps the results (on CPU, and on disk when given a cache folder:
+content-addressed and checksummed by :mod:`gradood.cache`, written atomically, resumable after an
+interruption), and serves them to any number of detectors.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import re
-import tempfile
-import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _passes
+from . import cache as _cache
 from ._labels import as_label_tensor
+from .cache import atomic_write_bytes
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -141,41 +141,48 @@ def _safe_name(key: str) -> str:
     return f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+#: how a cache key's parts read in a warning
+_WHAT = {"data": "other data", "model": "another model (weights or classes)", "code": "other gradood code",
+         "probe": "other probe settings (head, input_std/mean)"}
+
+
+class _StalePartial(Exception):
+    """The shards of an interrupted extraction were computed from other data than the source yields now."""
+
+
+def _plain(v: Any) -> Any:
+    """A JSON-able copy of a probe setting (tensors and arrays as lists)."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return v.tolist()
+    if isinstance(v, (tuple, list)):
+        return [_plain(e) for e in v]
+    return v
+
+
+def _callable_id(f: Any) -> str | None:
+    """Name and (when available) source of a user callable that shapes the signals, e.g. ``Probe(logits=...)``."""
+    if f is None:
+        return None
+    import inspect
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _save_array(path: Path, t: torch.Tensor) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, t.numpy(), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load_array(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.load(path, allow_pickle=False))
+        return hashlib.sha256(inspect.getsource(f).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__name__)}"
 
 
 class Signals:
     """The signals of one dataset under one model.
 
+    ``executor`` (default None: this process) computes missing signals elsewhere; gradood.distributed's
+    ``RayExecutor`` runs them on a Ray actor pool.
+
     Build it with :meth:`gradood.Probe.signals` (lazy: computes on demand by running the model) or with
     :meth:`Signals.from_arrays` (precomputed logits/features/labels; no model, so requests that need one
     raise a clear error).
     """
+
+    executor: Any = None
 
     def __init__(
         self,
@@ -198,8 +205,8 @@ class Signals:
         self._labels = labels
         self._labels_known = labels is not None or source is None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        if self.cache_dir is not None:
-            self._load_meta()
+        self._data_digest: str | None = None  # sha256 of the source's batches, once a pass has seen them all
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -331,17 +338,11 @@ class Signals:
         for r in requests:
             if r.key not in self._tensors and r.key not in missing:
                 missing[r.key] = r
-        if self.cache_dir is not None:
-            for key in list(missing):
-                path = self.cache_dir / f"{_safe_name(key)}.npy"
-                if path.exists():
-                    self._tensors[key] = _load_array(path)
-                    del missing[key]
-            labels_path = self.cache_dir / "labels.npy"
-            if not self._labels_known and labels_path.exists():
-                self._labels, self._labels_known = _load_array(labels_path), True
-            if not self._labels_known and (self.cache_dir / "labels.none").exists():
-                self._labels_known = True
+        keys: dict[str, dict[str, str]] = {}
+        if self.cache_dir is not None and self.probe is not None and self.source is not None \
+                and (missing or not self._labels_known):
+            keys = self._cache_keys(list(missing.values()))
+            self._load_cached(missing, keys)
         if not missing and self._labels_known:
             return
         if self.probe is None or self.source is None:
@@ -349,25 +350,68 @@ class Signals:
                 f"signals {sorted(missing)} are not in {self.name!r}, which was built from arrays without a model. "
                 "Build it with probe.signals(data) so gradood can run the model, or pass them to from_arrays."
             )
-        self._extract(list(missing.values()))
+        self._extract(list(missing.values()), keys)
 
     # ------------------------------------------------------------------ extraction
-    def _extract(self, requests: Sequence[Request]) -> None:
+    def _extract(self, requests: Sequence[Request], cache_keys: dict[str, dict[str, str]] | None = None) -> None:
+        assert self.probe is not None and self.source is not None
+        cache_keys = cache_keys or {}
+        if self.cache_dir is not None and any(r.key not in cache_keys for r in requests):
+            cache_keys = {**cache_keys, **self._cache_keys([r for r in requests if r.key not in cache_keys])}
+        if self.executor is not None:
+            self._extract_with_executor(requests, cache_keys)
+            return
+        try:
+            self._extract_pass(requests, cache_keys)
+        except _StalePartial as e:
+            warnings.warn(str(e), _cache.CacheWarning, stacklevel=3)
+            self._extract_pass(requests, cache_keys, resume=False)
+
+    def _extract_with_executor(self, requests: Sequence[Request], cache_keys: dict[str, dict[str, str]]) -> None:
+        """Compute ``requests`` elsewhere (``self.executor``, e.g. :class:`gradood.distributed.RayExecutor`), then
+        keep and cache them exactly as a local pass would."""
+        assert self.probe is not None and self.source is not None
+        self.warm_up()  # the head and input shape are known here too (head_params, input checks)
+        tensors, labels = self.executor.extract(self.source, self.probe, requests)
+        self._tensors.update(tensors)
+        if not self._labels_known:
+            self._labels, self._labels_known = labels, True
+        if self.cache_dir is not None:
+            hasher = _cache.DataHasher()
+            for x, y in self.source.iter_batches():
+                hasher.update(x, y)
+            self._store(requests, cache_keys, hasher.digest())
+
+    def _extract_pass(self, requests: Sequence[Request], cache_keys: dict[str, dict[str, str]],
+                      resume: bool = True) -> None:
         assert self.probe is not None and self.source is not None
         keys = [r.key for r in requests]
         taps = sorted({t for r in requests for t in r.taps})
         chunks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         label_chunks: list[torch.Tensor] = []
-        partial = self._partial_dir(keys)
-        start = self._resume(partial, chunks, label_chunks) if partial is not None else 0
+        # The data's hash is taken as the batches stream by; with a cache it names the stored arrays, and the
+        # shards of an interrupted pass are only resumed if the batches they skip hash to what they recorded.
+        hasher = _cache.DataHasher() if self.cache_dir is not None else None
+        partial = self._partial_dir(cache_keys, keys)
+        if partial is not None and not resume:
+            self._remove_partial(partial)
+        start, prefixes = self._resume(partial, chunks, label_chunks) if partial is not None else (0, {})
         has_labels: bool | None = None if not label_chunks else True
         share = _passes.any_shares_input_grad(requests)  # perturbations reuse this pass's graph (_passes)
         since_save = start
         bar = tqdm(total=self.source.num_batches, initial=start, desc=f"signals {self.name}", unit="batch",
                    disable=not self.progress, leave=False, dynamic_ncols=True)
-        b = start - 1
+        b = -1
         try:
-            for b, (x, y) in enumerate(self.source.iter_batches(start_batch=start), start=start):
+            for b, (x, y) in enumerate(self.source.iter_batches()):  # start > 0 only with a cache (a hasher)
+                if hasher is not None:
+                    hasher.update(x, y)
+                    if b < start:
+                        if b + 1 in prefixes and hasher.digest() != prefixes[b + 1]:
+                            raise _StalePartial(
+                                f"the interrupted extraction in {partial} was computed from other data (batches "
+                                f"before {b + 1} hash differently): discarded it; recomputing from the start.")
+                        continue
                 out = self.probe.forward(_passes.grad_leaf(self.probe, x, b) if share else x, taps, batch_index=b,
                                          grad=share)
                 batch = ProbeBatch(x=out.x, y=y, logits=out.logits,
@@ -383,8 +427,8 @@ class Signals:
                 if y is not None and has_labels:
                     label_chunks.append(as_label_tensor(y, f"labels of batch {b} of {self.name!r}"))
                 bar.update(1)
-                if partial is not None and b + 1 - since_save >= self.checkpoint_every:
-                    self._save_partial(partial, chunks, label_chunks, since_save, b + 1)
+                if partial is not None and hasher is not None and b + 1 - since_save >= self.checkpoint_every:
+                    self._save_partial(partial, chunks, label_chunks, since_save, b + 1, hasher.digest())
                     since_save = b + 1
         finally:
             bar.close()
@@ -396,77 +440,162 @@ class Signals:
         if not self._labels_known:
             self._labels = torch.cat(label_chunks) if has_labels and label_chunks else None
             self._labels_known = True
-        if self.cache_dir is not None:
-            for k in keys:
-                _save_array(self.cache_dir / f"{_safe_name(k)}.npy", self._tensors[k])
-            if self._labels is not None:
-                _save_array(self.cache_dir / "labels.npy", self._labels)
-            else:
-                atomic_write_bytes(self.cache_dir / "labels.none", b"")
-            self._save_meta()
-            if partial is not None and partial.is_dir():  # no shard was written when the data is short
-                for f in partial.glob("*"):
-                    f.unlink()
-                partial.rmdir()
+        if hasher is not None:
+            self._store(requests, cache_keys, hasher.digest())
+            if partial is not None:
+                self._remove_partial(partial)
 
-    def _partial_dir(self, keys: Sequence[str]) -> Path | None:
+    # ------------------------------------------------------------------ disk cache (see gradood.cache)
+    def _cache_keys(self, requests: Sequence[Request]) -> dict[str, dict[str, str]]:
+        """Each request's cache key except the data part: request, code, model, probe settings."""
+        p = self.probe
+        assert p is not None
+        model = _cache.model_fingerprint(p.model)
+        probe = _cache.digest({
+            "head": getattr(p, "requested_head", p.head_name) or "auto", "input_std": _plain(p.input_std),
+            "input_mean": _plain(p.input_mean), "logits": _callable_id(getattr(p, "logits_fn", None)),
+            "embeddings": getattr(p, "embeddings_name", None)})
+        return {r.key: {"request": r.key, "code": _cache.code_fingerprint(type(r)), "model": model, "probe": probe}
+                for r in requests}
+
+    def _entry(self, key: dict[str, str], data: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / _safe_name(key["request"]) / f"{_cache.digest(key)}-{data[:24]}.npy"
+
+    def _labels_entry(self, data: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / "labels" / f"{data[:24]}.npy"
+
+    def data_digest(self) -> str | None:
+        """sha256 of every batch of the data (inputs and labels: dtype, shape, bytes), the data part of the
+        cache keys; hashes the data once (without the model) if no pass has done it yet. None without a source."""
+        if self._data_digest is None and self.source is not None:
+            h = _cache.DataHasher()
+            for x, y in self.source.iter_batches():
+                h.update(x, y)
+            self._data_digest = h.digest()
+        return self._data_digest
+
+    def _load_cached(self, missing: dict[str, Request], keys: dict[str, dict[str, str]]) -> None:
+        """Move every request found under its full key from the disk cache into memory (verified reads)."""
+        assert self.cache_dir is not None
+        # The data's hash needs a pass over the data; it is only taken up front when a stored array could match
+        # (same request, model, code and probe); otherwise the extraction hashes the data as it streams.
+        candidates = [k for k in missing
+                      if any(self._entry(keys[k], "").parent.glob(f"{_cache.digest(keys[k])}-*.npy"))]
+        if candidates or (not missing and any((self.cache_dir / "labels").glob("*.npy*"))):
+            data = self.data_digest()
+            assert data is not None
+            for k in candidates:
+                path = self._entry(keys[k], data)
+                t = _cache.load_array(path)
+                if t is not None and _cache.read_key(path) == {**keys[k], "data": data}:
+                    self._tensors[k] = t
+                    del missing[k]
+            if not self._labels_known:
+                self._load_labels(data)
+        for k in missing:
+            self._say_recomputed(keys[k])
+
+    def _load_labels(self, data: str) -> None:
+        path = self._labels_entry(data)
+        raw = _cache.read_verified(path)
+        if raw is None or _cache.read_key(path) != {"data": data}:
+            return
+        if raw == b"none":
+            self._labels, self._labels_known = None, True
+            return
+        t = _cache.load_array(path)
+        if t is not None:
+            self._labels, self._labels_known = t, True
+
+    def _say_recomputed(self, key: dict[str, str]) -> None:
+        """One warning when the folder holds this signal for data of the same name under other keys only (other
+        data, model or code). Other names are other data sets sharing the folder: nothing to say."""
+        assert self.cache_dir is not None
+        folder = self._entry(key, "").parent
+        if key["request"] in self._warned or not folder.is_dir():
+            return
+        found = [k for p in folder.glob("*.npy")
+                 if (k := _cache.read_key(p)) and (_cache.read_key(p, "note") or {}).get("name") == self.name]
+        if not found:
+            return
+        want = {**key, "data": self._data_digest or "(not hashed yet)"}
+        parts = _cache.differing_parts(want, found) or ["data"]
+        self._warned.add(key["request"])
+        warnings.warn(
+            f"signal {key['request']!r} of {self.name!r}: {self.cache_dir} holds it only for "
+            f"{' and '.join(_WHAT.get(p, p) for p in parts)}; computing it under a new key (the old entries "
+            "stay).", _cache.CacheWarning,
+            stacklevel=4)
+
+    def _store(self, requests: Sequence[Request], keys: dict[str, dict[str, str]], data: str) -> None:
+        """Write the computed arrays and labels under their full keys (each file, then its checksum)."""
+        if self._data_digest is not None and self._data_digest != data:
+            warnings.warn(
+                f"the data of {self.name!r} changed between two passes (a shuffled or randomly augmented "
+                "loader?): its signals are not cached, since no later run could be sure to see the same data.",
+                _cache.CacheWarning, stacklevel=4)
+            return
+        self._data_digest = data
+        for r in requests:
+            key = {**keys[r.key], "data": data}
+            _cache.write_verified(self._entry(keys[r.key], data), _cache.array_bytes(self._tensors[r.key]), key,
+                                  note={"name": self.name, "shape": list(self._tensors[r.key].shape)})
+        labels = self._labels_entry(data)
+        if not labels.exists():
+            raw = b"none" if self._labels is None else _cache.array_bytes(self._labels)
+            _cache.write_verified(labels, raw, {"data": data})
+
+    def _partial_dir(self, keys: dict[str, dict[str, str]], names: Sequence[str]) -> Path | None:
         if self.cache_dir is None or self.source is None or not self.source.deterministic:
             return None
-        digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:12]
-        return self.cache_dir / f"partial-{digest}"
+        where = [self.name, self.source.num_samples, self.source.batch_size]
+        return self.cache_dir / f"partial-{_cache.digest([sorted(names), [keys.get(n) for n in sorted(names)], where], 12)}"
+
+    @staticmethod
+    def _remove_partial(partial: Path) -> None:
+        if partial.is_dir():  # no shard was written when the data is short
+            for f in partial.glob("*"):
+                f.unlink()
+            partial.rmdir()
 
     def _save_partial(self, partial: Path, chunks: dict[str, list[torch.Tensor]],
-                      label_chunks: list[torch.Tensor], first: int, end: int) -> None:
-        """Save the batches [first, end) as one shard; the shard's name records the range."""
-        import io
-
+                      label_chunks: list[torch.Tensor], first: int, end: int, data_prefix: str) -> None:
+        """Save the batches [first, end) as one shard named by the range; its checksum file records the
+        requests and the hash of every batch before ``end`` (what a resume must see again to reuse it)."""
         n_new = end - first
-        arrays = {f"k{i}": torch.cat(v[-n_new:]).numpy() for i, (k, v) in enumerate(chunks.items())}
+        names = sorted(chunks)
+        arrays = {f"k{i}": torch.cat(chunks[k][-n_new:]).numpy() for i, k in enumerate(names)}
         if label_chunks:
             arrays["labels"] = torch.cat(label_chunks[-n_new:]).numpy()
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write_bytes(partial / f"shard-{first:08d}-{end:08d}.npz", buf.getvalue())
+        _cache.write_verified(partial / f"shard-{first:08d}-{end:08d}.npz", _cache.npz_bytes(arrays),
+                              {"requests": names, "data_prefix": data_prefix})
 
     def _resume(self, partial: Path, chunks: dict[str, list[torch.Tensor]],
-                label_chunks: list[torch.Tensor]) -> int:
-        """Load finished shards of an interrupted extraction; return the batch index to continue from."""
+                label_chunks: list[torch.Tensor]) -> tuple[int, dict[int, str]]:
+        """Load the verified shards of an interrupted extraction; return the batch index to continue from and
+        the data hash each shard recorded at its end."""
         if not partial.is_dir():
-            return 0
-        shards = sorted(partial.glob("shard-*.npz"))
-        end = 0
-        for s in shards:
+            return 0, {}
+        end, prefixes = 0, {}
+        names = sorted(chunks)
+        for s in sorted(partial.glob("shard-*.npz")):
             m = re.match(r"shard-(\d+)-(\d+)\.npz$", s.name)
             if m is None or int(m.group(1)) != end:
                 break  # a gap: ignore what follows and recompute from here
-            with np.load(s, allow_pickle=False) as z:
-                for i, k in enumerate(chunks):
-                    chunks[k].append(torch.from_numpy(z[f"k{i}"]))
-                if "labels" in z:
-                    label_chunks.append(torch.from_numpy(z["labels"]))
+            arrays = _cache.load_npz(s)
+            key = _cache.read_key(s)
+            if arrays is None or key is None or key.get("requests") != names \
+                    or any(f"k{i}" not in arrays for i in range(len(names))):
+                break
+            for i, k in enumerate(names):
+                chunks[k].append(torch.from_numpy(arrays[f"k{i}"]))
+            if "labels" in arrays:
+                label_chunks.append(torch.from_numpy(arrays["labels"]))
             end = int(m.group(2))
-        return end
-
-    def _meta_path(self) -> Path:
-        assert self.cache_dir is not None
-        return self.cache_dir / "meta.json"
-
-    def _load_meta(self) -> None:
-        p = self._meta_path()
-        if not p.exists() or self.source is None:
-            return
-        meta = json.loads(p.read_text())
-        n = self.source.num_samples
-        if n is not None and meta.get("num_samples") not in (None, n):
-            raise InputError(
-                f"the signal cache {self.cache_dir} was written for {meta['num_samples']} samples but the data has "
-                f"{n}: it belongs to other data. Delete that folder or use another cache_dir."
-            )
-
-    def _save_meta(self) -> None:
-        n = next(iter(self._tensors.values())).shape[0] if self._tensors else None
-        atomic_write_bytes(self._meta_path(), json.dumps({"num_samples": n, "name": self.name,
-                                                          "written": time.time()}).encode())
+            prefixes[end] = str(key.get("data_prefix"))
+        return end, prefixes
 
     # ------------------------------------------------------------------ splitting
     def subset(self, indices: Any, name: str | None = None) -> "Signals":
@@ -484,6 +613,7 @@ class Signals:
         sub._labels_known = True
         if getattr(self, "_head", None) is not None:
             sub._head = self._head
+        sub.executor = self.executor
         return sub
 
     def __repr__(self) -> str:

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import functools
 import hashlib
-import io
 import json
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 
 from ..errors import ConfigError, GradoodError, OutputError
 from ..probe import Probe
+from .. import cache as _cache
 from ..signals import FEATURES, LOGITS, Signals, atomic_write_bytes
 from .spec import BenchSpec, DataRef, DetectorRef, RunSpec, load_spec
 
@@ -42,7 +42,7 @@ class ModelInfo:
     input_shape: tuple[int, ...]
     head: str | None
     num_classes: int | None
-    fingerprint: str = ""  # of the weights: cached signals and results are only reused for the same weights
+    fingerprint: str = ""  # of the model (gradood.cache.model_fingerprint): part of the results' key
 
 
 def load_model(name: str) -> ModelInfo:
@@ -55,18 +55,8 @@ def load_model(name: str) -> ModelInfo:
                      fingerprint=model_fingerprint(model))
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 (12 hex digits) of a model's state_dict: names, dtypes, shapes and values."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:12]
-
-
-#: The modules whose code decides what the cached signals contain (reading data, models, the forward pass).
-SIGNAL_SOURCES = ("probe.py", "signals.py", "_batches.py", "data", "models")
+#: weights, buffers, classes and their source (the same fingerprint keys the cached signals)
+model_fingerprint = _cache.model_fingerprint
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,7 +146,10 @@ def validate_data(spec: BenchSpec) -> None:
 
 # ---------------------------------------------------------------------- results store
 class ResultStore:
-    """One JSON + one NPZ per (run, detector), written atomically; their presence means "done"."""
+    """One JSON (metric rows) + one NPZ (scores) per (run, detector), each written atomically with a checksum
+    file (``<file>.sha256``) after it; the JSON's checksum file marks "done". A file that fails its check on
+    reading is named in a warning, deleted, and the detector is recomputed. The files hold no timings, so the
+    same spec on the same machine writes the same bytes."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -167,19 +160,21 @@ class ResultStore:
 
     def load(self, run_key: str, det_key: str) -> tuple[list[dict], dict[str, np.ndarray]] | None:
         js, npz = self._paths(run_key, det_key)
-        if not (js.exists() and npz.exists()):
+        if not (js.exists() or _cache.sidecar(js).exists()):
             return None
-        rows = json.loads(js.read_text())
-        with np.load(npz, allow_pickle=False) as z:
-            scores = {k: z[k] for k in z.files}
+        rows = _cache.load_json(js)
+        scores = _cache.load_npz(npz) if rows is not None else None
+        if rows is None or scores is None or not isinstance(rows, list):
+            for p in (js, npz):  # recompute both: a half-verified pair is not a result
+                if p.exists() or _cache.sidecar(p).exists():
+                    _cache.discard(p, "belongs to a result that failed its checksum")
+            return None
         return rows, scores
 
     def save(self, run_key: str, det_key: str, rows: list[dict], scores: dict[str, np.ndarray]) -> None:
         js, npz = self._paths(run_key, det_key)
-        buf = io.BytesIO()
-        np.savez(buf, **scores)
-        atomic_write_bytes(npz, buf.getvalue())  # scores first: the JSON marks completion
-        atomic_write_bytes(js, json.dumps(rows, indent=1, default=float).encode())
+        _cache.write_verified(npz, _cache.npz_bytes(scores))  # scores first: the JSON marks completion
+        _cache.write_verified(js, json.dumps(rows, indent=1, default=float).encode())
 
 
 # ---------------------------------------------------------------------- one run
@@ -196,33 +191,37 @@ class Prepared:
     accuracy: float | None
 
 
-def run_key(spec: BenchSpec, run: RunSpec, model_fp: str = "") -> str:
-    """Names a run's results folder: the run's data, the model's weights and gradood's code (any change to
-    one of them starts a fresh folder instead of mixing old and new results)."""
+def run_key(spec: BenchSpec, run: RunSpec, model_fp: str = "", data: tuple[str | None, ...] = ()) -> str:
+    """Names a run's results folder: the run's data (spec entries and the sha256 of every set's batches, see
+    Signals.data_digest), the model (weights, classes) and gradood's whole source (any change to one of them
+    starts a fresh folder instead of mixing old and new results)."""
     ids = "|".join([run.model, run.id_fit.key(spec.seed), run.id_test.key(spec.seed),
                     run.id_val.key(spec.seed) if run.id_val else "-", str(spec.ood_val), model_fp,
-                    source_fingerprint()] + [o.key(spec.seed) for o in run.oods])
+                    source_fingerprint()] + [o.key(spec.seed) for o in run.oods] + [str(d) for d in data])
     return f"{run.model}__{run.id_test.dataset}__{hashlib.sha256(ids.encode()).hexdigest()[:10]}"
 
 
-def signals_folder(cache: Path, model: str, model_fp: str) -> Path:
-    """Where a model's cached signals live: per weights and per version of the code that computes them."""
-    return cache / model / hashlib.sha256(f"{model_fp}|{source_fingerprint(*SIGNAL_SOURCES)}".encode()).hexdigest()[:10]
+def signals_folder(cache: Path, model: str) -> Path:
+    """Where a model's cached signals live. The folder is for people: every array in it is stored under its
+    full content key (data, model, code, probe; gradood.cache), so nothing stale can be read from it."""
+    return cache / "signals" / model
 
 
-def prepare(spec: BenchSpec, run: RunSpec, cache: Path, progress: bool) -> Prepared:
+def prepare(spec: BenchSpec, run: RunSpec, cache: Path, progress: bool, executor: Any = None) -> Prepared:
     info = load_model(run.model)
     probe = Probe(info.model, head=info.head, input_std=info.std, input_mean=info.mean)
     where = f"run {run.model}"
 
-    def signals(ref: DataRef, name: str, idx: np.ndarray | None = None, part: str = "") -> Signals:
+    def signals(ref: DataRef, name: str, idx: np.ndarray | None = None) -> Signals:
         ds = load_data(ref, info, spec.seed, where)
         if idx is not None:
             ds = ds.subset(idx)
         x, y = ds.tensors(mean=info.mean, std=info.std)
-        folder = signals_folder(cache, run.model, info.fingerprint) / f"{ref.key(spec.seed)}{part}"
-        return Signals(source=_source(x, y, spec.batch_size), probe=probe, name=name, cache_dir=folder,
-                       progress=progress, checkpoint_every=spec.checkpoint_every)
+        folder = signals_folder(cache, run.model)
+        s = Signals(source=_source(x, y, spec.batch_size), probe=probe, name=name, cache_dir=folder,
+                    progress=progress, checkpoint_every=spec.checkpoint_every)
+        s.executor = executor  # None: this process; a RayExecutor: an actor pool (gradood bench --ray)
+        return s
 
     fit = signals(run.id_fit, f"{run.id_fit.label} (fit)")
     test = signals(run.id_test, f"{run.id_test.label} (test)")
@@ -231,8 +230,8 @@ def prepare(spec: BenchSpec, run: RunSpec, cache: Path, progress: bool) -> Prepa
     for i, o in enumerate(run.oods):
         n = len(load_data(o, info, spec.seed, where))
         vi, ti = split_holdout(n, spec.ood_val, spec.seed + 1000 + i)
-        ood_val[o.label] = signals(o, f"{o.label} (val)", vi, "-val")
-        ood_test[o.label] = signals(o, f"{o.label} (test)", ti, "-test")
+        ood_val[o.label] = signals(o, f"{o.label} (val)", vi)
+        ood_test[o.label] = signals(o, f"{o.label} (test)", ti)
         groups[o.label] = o.group
     # One pass per dataset for every forward-only signal the detectors share.
     for s in [fit, test, val, *ood_test.values(), *ood_val.values()]:
@@ -257,7 +256,11 @@ def evaluate_detector(ref: DetectorRef, p: Prepared, bootstrap: int, seed: int) 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows, scores = _fit_and_score(ref, p, bootstrap, seed)
-    messages = sorted({str(w.message) for w in caught})
+    # the cache's notes are about this machine's folder, not the detector: shown, never stored in a result
+    for w in caught:
+        if issubclass(w.category, _cache.CacheWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    messages = sorted({str(w.message) for w in caught if not issubclass(w.category, _cache.CacheWarning)})
     for r in rows:
         r["warnings"] = messages
     return rows, scores
@@ -270,7 +273,6 @@ def _fit_and_score(ref: DetectorRef, p: Prepared, bootstrap: int, seed: int) -> 
     det = create(ref.name, **ref.params)
     rows: list[dict] = []
     scores: dict[str, np.ndarray] = {}
-    t0 = time.perf_counter()
     if det.tunes_on_ood:
         for ood_name in p.ood_test:
             det = create(ref.name, **ref.params).fit(p.fit, ood_val=p.ood_val[ood_name], id_val=p.val)
@@ -284,9 +286,6 @@ def _fit_and_score(ref: DetectorRef, p: Prepared, bootstrap: int, seed: int) -> 
             scores[ood_name] = det.score(ood)
             rows.append(_row(ref, det, ood_name, p, evaluate(scores["id"], scores[ood_name], bootstrap=bootstrap,
                                                              seed=seed)))
-    seconds = time.perf_counter() - t0
-    for r in rows:
-        r["seconds"] = seconds
     return rows, scores
 
 
@@ -315,8 +314,9 @@ def validate_names(spec: BenchSpec) -> None:
 
 
 def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only: list[str] | None = None,
-                  progress: bool = True, log=print) -> tuple[list[dict], dict, list[str]]:
-    """Run every (run, detector); returns (rows, scores for the report, error messages)."""
+                  progress: bool = True, log=print, executor: Any = None) -> tuple[list[dict], dict, list[str]]:
+    """Run every (run, detector); returns (rows, scores for the report, error messages). ``executor`` computes
+    the signals elsewhere (:class:`gradood.distributed.RayExecutor` for ``--ray``)."""
     from tqdm.auto import tqdm
 
     validate_names(spec)
@@ -331,8 +331,9 @@ def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only
         if only is not None and not refs:
             continue
         t0 = time.perf_counter()
-        p = prepare(spec, run, cache, progress)
-        key = run_key(spec, run, p.info.fingerprint)
+        p = prepare(spec, run, cache, progress, executor)
+        key = run_key(spec, run, p.info.fingerprint, tuple(
+            s.data_digest() for s in [p.fit, p.val, p.test, *p.ood_val.values(), *p.ood_test.values()]))
         log(f"[{run.model}] ID {run.id_test.label}: accuracy "
             f"{'n/a' if p.accuracy is None else f'{100 * p.accuracy:.2f}%'}, fit {len(p.fit)}, test {len(p.test)}, "
             f"OOD {', '.join(f'{k} {len(v)}' for k, v in p.ood_test.items())} ({time.perf_counter() - t0:.1f} s)")
@@ -341,6 +342,7 @@ def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only
             bar.set_postfix_str(ref.display)
             done = store.load(key, ref.key())
             if done is None:
+                t_det = time.perf_counter()
                 try:
                     rows, scores = evaluate_detector(ref, p, spec.bootstrap, spec.seed)
                 except GradoodError as e:
@@ -350,7 +352,8 @@ def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only
                     errors.append(f"{run.model} / {ref.display}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
                     continue
                 store.save(key, ref.key(), rows, scores)
-                line = f"  {ref.display}: {rows[0]['seconds']:.1f} s" if rows else f"  {ref.display}: no rows"
+                # timings are printed, never stored: result files are byte-identical across reruns
+                line = f"  {ref.display}: {time.perf_counter() - t_det:.1f} s" + ("" if rows else " (no rows)")
                 if progress:
                     bar.write(line, file=sys.stderr)  # above the live bar instead of through it
                 else:
@@ -449,7 +452,7 @@ def main(args: argparse.Namespace) -> int:
     from ..grads import tune_allocator
 
     # A benchmark process re-allocates the same large tensors every batch: keep freed memory for reuse
-    # instead of page-faulting it in again each time (design.md, performance bounds).
+    # instead of page-faulting it in again each time (docs/design.md, "Performance").
     tune_allocator()
 
     if getattr(args, "example_spec", False) or getattr(args, "spec_reference", False):
@@ -466,9 +469,15 @@ def main(args: argparse.Namespace) -> int:
     if cache is not None:
         check_writable(cache, "--cache")
     t0 = time.perf_counter()
+    executor = None
+    if getattr(args, "ray", None) is not None:
+        from .. import distributed
+
+        distributed.init(None if args.ray == "local" else args.ray)
+        executor = distributed.RayExecutor(workers=args.ray_workers, gpus_per_worker=args.ray_gpus)
     with clear_write_errors(out):
         rows, scores, errors = run_benchmark(spec, out, cache, only=only, progress=not args.quiet,
-                                             log=lambda m: console.print(m))
+                                             log=lambda m: console.print(m), executor=executor)
     elapsed = time.perf_counter() - t0
     if not rows:
         for e in errors:
