@@ -1,6 +1,6 @@
 """The library's core claim: last-layer gradient scores need ONE forward pass and no backward.
 
-Every closed form (method-specs.md section 1, 2.3, 2.4, 2.5, 3.10) is compared with a plain per-sample
+Every closed form (docs/methods.md section 1, 2.3, 2.4, 2.5, 3.10) is compared with a plain per-sample
 autograd reference: loop over the samples, build that sample's loss from the model's output with an
 independent definition of the loss, and ask ``torch.autograd.grad`` for the gradient w.r.t. the head's
 weight (and bias). The fast scores come through the real path: ``Probe(model).signals(x)`` +
@@ -188,7 +188,7 @@ def test_include_bias_on_a_bias_free_head(name):
 
 
 def test_gradnorm_default_is_the_paper_definition():
-    """Default hyperparameters: KL to uniform, L1, weights only, T = 1 (method-specs 3.10)."""
+    """Default hyperparameters: KL to uniform, L1, weights only, T = 1 (docs/methods.md 3.10)."""
     model, x, _ = _model_and_inputs("mlp", torch.float64)
     probe, s = _signals(model, x)
     ref = norms(per_sample_grads(model, probe.head, x, lambda z: _kl_uniform(z, 1.0), False))["l1"]
@@ -336,7 +336,7 @@ def test_expected_output_term_by_enumeration(T, norm):
 @pytest.mark.parametrize("norm", ["l1", "l2", "l2sq"])
 def test_exgrad_keeps_precision_for_confident_predictions(norm):
     """p_max ~ 1 (float32 logits with a margin of 40): ExGrad must not cancel to 0 or lose digits
-    (method-specs 2.4 numerics). Reference: enumeration over y in 50-digit arithmetic."""
+    (docs/methods.md 2.4 numerics). Reference: enumeration over y in 50-digit arithmetic."""
     C, margin = 6, 40.0
     logits = torch.zeros(3, C, dtype=torch.float32)
     logits[:, 0] = margin

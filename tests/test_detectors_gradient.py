@@ -1,4 +1,4 @@
-"""Gradient detectors built on the per-sample gradient engine: GRODIN (method-specs.md 2.6) and low-dimensional
+"""Gradient detectors built on the per-sample gradient engine: GRODIN (docs/methods.md 2.6) and low-dimensional
 gradients (2.7), plus the registry-wide end-to-end check of every detector that needs the model.
 
 Every reference is computed here independently with plain torch autograd (one sample at a time), numpy and
@@ -135,7 +135,7 @@ def test_grodin_input_std_divides_the_step():
 
 
 def test_grodin_t1_eps0_identities(model_data):
-    """method-specs 5.3: with T = 1, eps = 0 the S part is MSP (equal values); SG = S^2 * G."""
+    """docs/methods.md 5.3: with T = 1, eps = 0 the S part is MSP (equal values); SG = S^2 * G."""
     _, model, x, std = model_data
     s = _sig(model, x, input_std=std)
     s_part = gradood.create("grodin", part="S").score(s)

@@ -1,4 +1,4 @@
-"""Input-perturbation detectors: ODIN (method-specs.md 3.4), FSSD (2.8) and the multi-layer Mahalanobis ensemble
+"""Input-perturbation detectors: ODIN (docs/methods.md 3.4), FSSD (2.8) and the multi-layer Mahalanobis ensemble
 (3.6), each against an independent computation with plain torch autograd (one sample at a time), numpy and
 scikit-learn on small seeded float64 models in eval mode (an MLP and a CNN with Conv2d + BatchNorm2d + Linear).
 """

@@ -1,7 +1,7 @@
 """Single-pass detectors against independent references (numpy / scipy / scikit-learn).
 
 Signals come from the real path (``Probe(model).signals(...)``) on small seeded models; every reference
-is recomputed here from the method's definition (method-specs.md sections 2.1-2.5, 3), never copied from
+is recomputed here from the method's definition (docs/methods.md sections 2.1-2.5, 3), never copied from
 the code under test.
 """
 

@@ -1,4 +1,4 @@
-"""Paper identities (method-specs.md 2.1-2.5 and 5.3 "model-independent consistency checks") that hold
+"""Paper identities (docs/methods.md 2.1-2.5 and 5.3 "model-independent consistency checks") that hold
 between single-pass detectors, checked by composing the real detectors on the real signal path."""
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def test_exgrad_default_sign_is_minus_exgrad_id(relu_signals, norm, T):
 
 
 def test_expected_l1_of_onehot_minus_p_is_twice_gini():
-    """E_{y~p} ||e_y - p||_1 = 2 (1 - sum p^2) and E_{y~p} ||e_y - p||_2^2 = 1 - sum p^2 (method-specs 1)."""
+    """E_{y~p} ||e_y - p||_1 = 2 (1 - sum p^2) and E_{y~p} ||e_y - p||_2^2 = 1 - sum p^2 (docs/methods.md 1)."""
     rng = np.random.default_rng(0)
     z = rng.normal(scale=2.0, size=(50, 9))
     p = softmax(z, axis=1)

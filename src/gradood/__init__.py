@@ -11,7 +11,7 @@ Typical use::
     print(gradood.evaluate(s_id, s_ood))               # AUROC, FPR95, AUPR-In/Out, ...
 """
 
-from .deploy import load_detector
+from .deploy import Guard, load_detector
 from .detectors import Detector, available, create, describe
 from .errors import (ChecksumError, ConfigError, GradoodError, InputError, ModelError, NotFittedError,
                      OutputError, TuningDataError)
@@ -27,14 +27,6 @@ def evaluate(scores_id, scores_ood, **kwargs):
     from .metrics import evaluate as _evaluate
 
     return _evaluate(scores_id, scores_ood, **kwargs)
-
-
-def __getattr__(name: str):  # gradood.Guard: the deployment wrapper (gradood.deploy.guard), loaded on first use
-    if name == "Guard":
-        from .deploy.guard import Guard
-
-        return Guard
-    raise AttributeError(f"module 'gradood' has no attribute {name!r}")
 
 
 __all__ = [

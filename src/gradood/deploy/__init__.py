@@ -14,14 +14,7 @@ Typical use::
 from .conformal import conformal_p_values, conformal_threshold, min_calibration_size
 from .contract import weights_fingerprint
 from .persist import VersionWarning, load_detector, read_record, save_detector
-
-
-def __getattr__(name: str):  # Guard imports the probe machinery: load it on first use
-    if name in ("Guard", "GuardOutput"):
-        from . import guard
-
-        return getattr(guard, name)
-    raise AttributeError(name)
+from .guard import Guard, GuardOutput
 
 
 __all__ = ["Guard", "GuardOutput", "load_detector", "save_detector", "read_record", "VersionWarning",

@@ -1,4 +1,4 @@
-"""FSSD: Feature Space Singularity Distance (Huang et al., 2020; method-specs.md 2.8)."""
+"""FSSD: Feature Space Singularity Distance (Huang et al., 2020; docs/methods.md 2.8)."""
 
 from __future__ import annotations
 

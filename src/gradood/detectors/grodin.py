@@ -1,4 +1,4 @@
-"""GRODIN: gradient-based ODIN (method-specs.md 2.6).
+"""GRODIN: gradient-based ODIN (docs/methods.md 2.6).
 
 The full-network gradient of the predicted-label loss ``l_T(x) = -log softmax(f(x)/T)_c_hat`` factorises as
 ``grad_theta l_T = -S * G`` with ``S`` the max softmax at temperature T (ODIN's score). GRODIN scores the
@@ -94,7 +94,7 @@ class GRODIN(Detector):
     ``part``: "G" (default) scores ``-||G||^2 = -||grad_theta l_T||^2 / S^2``; "SG" scores
     ``-||grad_theta l_T||^2``; "S" scores S (= ODIN). Higher = more ID (training drives the gradient of ID
     samples towards zero). ``params``: which parameters count -- "all" (default; every parameter with
-    requires_grad, incl. BN affine and biases, method-specs' assumption), an int k (last k parametrised
+    requires_grad, incl. BN affine and biases, docs/methods.md 2.6), an int k (last k parametrised
     layers) or a list of names. Inputs: the model (per-sample parameter gradients + input gradients).
 
     ``temperature`` (1) and ``eps`` (0) are used as given ("vanilla" GRODIN, OOD-agnostic); ``tune=True``

@@ -1,6 +1,6 @@
 """Logit-only baselines: MSP, MaxLogit, Energy, KL-matching. Higher = more in-distribution.
 
-All read the logits of one forward pass (method-specs.md 3.1-3.3, 3.9).
+All read the logits of one forward pass (docs/methods.md 3.1-3.3, 3.9).
 """
 
 from __future__ import annotations

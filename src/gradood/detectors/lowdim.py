@@ -1,5 +1,5 @@
 """Low-dimensional gradients (Wu et al., "Low-Dimensional Gradient Helps Out-of-Distribution Detection",
-arXiv 2310.17163; method-specs.md 2.7, filled in from the official code).
+arXiv 2310.17163; docs/methods.md 2.7, filled in from the official code).
 
 Per-sample gradients ``g(x) = grad_theta LSE(f(x))`` over all parameters are normalised element-wise by the
 ID training gradients' mean and std (the "NFK" form, ``z = (g - mu) / sigma``) and projected onto K

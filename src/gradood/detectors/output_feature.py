@@ -95,7 +95,7 @@ class ExGrad(_LogitsFeatures):
     ``E_{y ~ p_T(x)} || d log p_T,y(x) / dW ||`` over the head's weight, which is
     ``(2/T) (1 - sum_k p_T,k^2) ||h||_1`` for L1 (``(1 - sum p^2) ||h||_2^2 / T^2`` for "l2sq"; "l2" also exact).
 
-    Sign (method-specs 2.4, unresolved in the sources): by default the raw ExGrad is treated as an OOD-ness
+    Sign (docs/methods.md 2.4, unresolved in the sources): by default the raw ExGrad is treated as an OOD-ness
     (``higher_is_id=False``: score = -ExGrad), following "gradients of a well-fit loss are small on ID";
     ``higher_is_id=True`` returns +ExGrad. Higher score = more ID in both cases by construction of the flag.
     Hyperparameters: ``temperature`` (1), ``norm`` ("l1"), ``include_bias`` (False), ``higher_is_id`` (False).
@@ -139,7 +139,7 @@ class RG(_LogitsFeatures):
     ``temperature`` T (1.0), ``k_percentile`` (None; if set, k is instead the given percentile of all ID
     feature values at fit time -- an extension for models whose activation scale differs from BiT's).
     Fits nothing unless ``k_percentile`` is set. A warning is raised when the energy is <= 0 for some samples
-    (the product then reverses the ranking, method-specs 2.1).
+    (the product then reverses the ranking, docs/methods.md 2.1).
     """
 
     paper = "RG: Out-of-distribution detection with Reactivate GradNorm (energy x clipped feature norm)"
@@ -218,7 +218,7 @@ class RGAdditive(_LogitsFeatures):
 
 @register("rg-eq5")
 class SumExpGrad(_LogitsFeatures):
-    """RG eq. 5 (corrected, method-specs 2.3): ``|| d sum_i exp(f_i) / dW ||_1 = exp(LSE(f)) * ||h||_1``.
+    """RG eq. 5 (corrected, docs/methods.md 2.3): ``|| d sum_i exp(f_i) / dW ||_1 = exp(LSE(f)) * ||h||_1``.
 
     Returned in log form, ``LSE(f) + log(||h||_1 (+1 with bias))``, which ranks identically and does not
     overflow for logits above ~88 in float32. Higher = more ID. Hyperparameters: ``include_bias`` (False).

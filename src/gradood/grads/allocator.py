@@ -1,4 +1,4 @@
-"""C allocator tuning for CPU runs (design.md, "Performance bounds").
+"""C allocator tuning for CPU runs (docs/design.md, "Performance").
 
 glibc serves large allocations with ``mmap`` and returns them to the OS on ``free``, so every batch
 page-faults its big tensors again (zero-filling each page). Keeping freed memory in the heap instead

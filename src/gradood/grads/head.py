@@ -1,4 +1,4 @@
-"""Closed forms of last-layer gradients (method-specs.md section 1).
+"""Closed forms of last-layer gradients (docs/methods.md section 1).
 
 For logits ``z = W h + b`` and any loss ``L(z)`` with ``delta = dL/dz``: ``dL/dW = delta h^T`` and
 ``dL/db = delta``. Entry-wise norms of an outer product factorise for any sign pattern, so
