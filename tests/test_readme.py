@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shlex
 from pathlib import Path
@@ -55,9 +56,13 @@ def test_readme_has_exactly_two_setup_commands():
 
 
 @pytest.fixture(scope="module")
-def python_session():
-    """Run every python block in order in one namespace; record the passes over the data."""
+def python_session(tmp_path_factory):
+    """Run every python block in order in one namespace (in a scratch folder: blocks may write files); record
+    the passes over the data."""
     from gradood.signals import Signals
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("readme-python"))
 
     passes: list[int] = []  # id() of the Signals object of each pass over the data
     extract = Signals._extract
@@ -78,6 +83,7 @@ def python_session():
             snapshots.append(dict(namespace))
     finally:
         Signals._extract = extract
+        os.chdir(cwd)
     return snapshots, outputs, passes
 
 
@@ -105,8 +111,10 @@ def test_several_detectors_read_each_dataset_once(python_session):
 
 
 @pytest.mark.slow
-def test_shell_blocks_run(capsys):
+def test_shell_blocks_run(capsys, tmp_path, monkeypatch):
     from gradood import cli
+
+    monkeypatch.chdir(tmp_path)  # commands may write files (results, CSVs)
 
     lines = [line.split("#")[0].strip() for b in runnable("sh") for line in b["body"].splitlines()]
     lines = [line for line in lines if line]

@@ -76,3 +76,11 @@ def test_not_a_detector_is_an_input_error(setup):
         gradood.requests_for(["msp"])
     with pytest.raises(gradood.InputError, match="Signals"):
         gradood.require_for(np.zeros(3), [gradood.create("msp")])
+
+
+def test_progress_bars_only_on_a_terminal(setup, capsys):
+    """progress=True draws the extraction bar on a terminal only: a log file gets no carriage returns."""
+    model, fit_data, _, _ = setup
+    probe = gradood.Probe(model)
+    gradood.signals_for(probe, fit_data, [gradood.create("msp")], progress=True, batch_size=8)
+    assert capsys.readouterr().err == ""

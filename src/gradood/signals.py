@@ -400,7 +400,7 @@ class Signals:
         share = _passes.any_shares_input_grad(requests)  # perturbations reuse this pass's graph (_passes)
         since_save = start
         bar = tqdm(total=self.source.num_batches, initial=start, desc=f"signals {self.name}", unit="batch",
-                   disable=not self.progress, leave=False, dynamic_ncols=True)
+                   disable=None if self.progress else True, leave=False, dynamic_ncols=True)
         b = -1
         try:
             for b, (x, y) in enumerate(self.source.iter_batches()):  # start > 0 only with a cache (a hasher)

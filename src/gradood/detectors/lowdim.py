@@ -102,7 +102,7 @@ class SubspaceFit:
         from tqdm.auto import tqdm
 
         return tqdm(_stream(self.signals), total=self.signals.source.num_batches, desc=desc, leave=False,
-                    disable=not self.progress)
+                    disable=None if self.progress else True)
 
     def moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Element-wise mean and 1/std of the per-sample gradients (zero-variance entries get the largest
