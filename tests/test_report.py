@@ -191,6 +191,21 @@ def test_tables_mark_tuned_and_best(built):
     assert f"{100 * evil_auroc[0]:.2f}" in [c[1] for c in best]
 
 
+def test_heatmap_is_sorted_and_coloured_by_value(built):
+    out, index, results, _ = built
+    cells = [c[2] for c in _parse(index).cells if "data-value" in c[2]]
+    half = len(cells) // 2  # two models' tables, in page order, no n/a cells
+    for table in (cells[:half], cells[half:]):
+        for metric, better in (("auroc", 1), ("fpr95", -1)):
+            # the bluer a cell (blue minus red channel), the better its value: never the other way round
+            pairs = sorted((better * float(c["data-value"]), int(c["style"][-2:], 16) - int(c["style"][-6:-4], 16))
+                           for c in table if c["data-metric"] == metric)
+            blueness = [b for _, b in pairs]
+            assert blueness == sorted(blueness) and blueness[0] < 0 < blueness[-1]
+        means = [float(c["data-value"]) for c in table if c.get("data-mean") == "all" and c["data-metric"] == "auroc"]
+        assert len(means) == 4 and means == sorted(means, reverse=True)
+
+
 def test_best_agnostic_when_tuned_detector_wins(tmp_path):
     rows = [row("odin", tuned=True, auroc=0.99, fpr95=0.01), row("msp", auroc=0.90, fpr95=0.40),
             row("energy", auroc=0.95, fpr95=0.20), row("tie", auroc=0.95, fpr95=0.2)]
@@ -338,11 +353,15 @@ def test_roc_log_fpr_axis():
 def test_per_ood_set_id_scores_of_tuned_detectors():
     """An OOD-tuned detector scores ID data once per OOD set: each curve uses its own ID scores."""
     rng = np.random.default_rng(4)
-    ids = {"a": rng.normal(3, 1, 400), "b": rng.normal(0, 1, 400)}
-    oods = {"a": rng.normal(0, 1, 200), "b": rng.normal(0, 1, 200)}
+    ids = {"a": rng.normal(3, 1, 400), "b": rng.normal(0, 1e-3, 400)}  # e.g. ODIN at T = 1 vs T = 1000
+    oods = {"a": rng.normal(0, 1, 200), "b": rng.normal(-1e-3, 1e-3, 200)}
     fig = P.draw_detector_figure(ids, oods)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == [f"{o} ({100 * metrics.auroc(ids[o], oods[o]):.1f})" for o in oods]
+    for ax, o in zip(fig.axes[1:], oods):  # each panel's bins span its own scores
+        edges = next(ln for ln in ax.lines if ln.get_gid() == "hist-id").get_xdata()
+        for s in (ids[o], oods[o]):
+            assert np.mean((s >= edges[0]) & (s <= edges[-1])) >= 0.9 and np.histogram(s, edges)[0].max() < 0.5 * s.size
     with pytest.raises(KeyError, match="no ID scores"):
         P.draw_detector_figure({"a": ids["a"]}, oods)
 
@@ -382,6 +401,12 @@ def test_bad_results(tmp_path, rows, needle):
     with pytest.raises(InputError) as err:
         R.write_report(tmp_path, rows)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("kw,needle", [({"log_fpr": "yes"}, "log_fpr"), ({"top": 0}, "top"), ({"top": 2.5}, "top")])
+def test_bad_report_options(tmp_path, kw, needle):
+    with pytest.raises(InputError, match=needle):
+        R.write_report(tmp_path, [row("a")], **kw)
 
 
 def test_bad_scores(tmp_path):
@@ -509,7 +534,7 @@ def _check_page(driver, url, out, n_images, n_groups):
     _check_heatmap_cells(driver.execute_script(_HEATMAP_JS), out / "results.json")
     small, shrunk, width = driver.execute_script(_LEGIBILITY_JS)
     assert width == 1400
-    assert not small, f"text below 9 pt: {small}"
+    assert not small, f"text below 9 pt ({len(small)} elements): {small[:5]}"
     assert not shrunk, f"figures scaled down (their text would fall below 9 pt): {shrunk}"
     images = driver.execute_script(
         "return Array.from(document.images, i => [i.getAttribute('src'), i.complete, i.naturalWidth]);")

@@ -207,8 +207,11 @@ def draw_detector_figure(scores_id: np.ndarray | Mapping[str, np.ndarray], score
         _roc_line(axes[0], ids[name], s_ood, log_fpr, floor, lw=1.3, color=color,
                   label=_mpl_text(f"{name} ({100 * auc:.1f})"))
     _legend(axes[0])
-    edges = _hist_edges([*{id(a): a for a in ids.values()}.values(), *scores_ood.values()])
+    # Shared bins make the panels comparable; an OOD-tuned detector's scores live on a different scale per
+    # OOD set (e.g. ODIN's temperature), so each of its panels gets its own bins.
+    shared = None if isinstance(scores_id, Mapping) else _hist_edges([ids[next(iter(ids))], *scores_ood.values()])
     for ax, (name, s_ood), color in zip(axes[1:], scores_ood.items(), colors):
+        edges = shared if shared is not None else _hist_edges([ids[name], s_ood])
         _hist_panel(ax, ids[name], s_ood, name, edges, color)
     for ax in axes[n_panels:]:
         ax.set_visible(False)

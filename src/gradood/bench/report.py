@@ -507,16 +507,17 @@ def _heatmap(g: _Group, ranked: list[str]) -> str:
 def _heat_legend(scales: Mapping[str, tuple[float, float]]) -> str:
     ramp = ", ".join(_HEAT_STOPS)
 
-    def err(log_err: float) -> str:
-        return f"{100 * 10 ** log_err:.{_DECIMALS}f}"
+    def shown(metric: str, log_err: float) -> str:
+        err = 10 ** log_err
+        return _pct(err if metric in LOWER_IS_BETTER else 1.0 - err)
 
-    ends = "; ".join(f"{'FPR95' if m in LOWER_IS_BETTER else '100 - ' + LABELS[m]} {err(w)} to {err(b)}"
-                     for m, (w, b) in scales.items())
+    red = ", ".join(f"{LABELS[m]} {shown(m, w)}" for m, (w, _) in scales.items())
+    blue = ", ".join(f"{LABELS[m]} {shown(m, b)}" for m, (_, b) in scales.items())
     return (f'<p class="heat-legend"><span class="ramp" style="background:linear-gradient(to right, {ramp})">'
-            f"</span> cell colour: the error (100 &minus; AUROC, or FPR95) on a log scale, from this table's "
-            f"90th-percentile error (red) to its smallest (blue) ({ends} %). <strong>Bold, boxed</strong> = best "
-            f'in the column; <span class="u">underlined</span> = best OOD-agnostic when the best is OOD-tuned '
-            f"({TUNED_MARK}).</p>")
+            f"</span> Cell colour: the error (100 &minus; AUROC, or FPR95) on a log scale, from red at this "
+            f"table's 90th-percentile error ({red}) to blue at its smallest ({blue}). <strong>Bold, boxed</strong>"
+            f' = best in the column; <span class="u">underlined</span> = best OOD-agnostic when the best is '
+            f"OOD-tuned ({TUNED_MARK}).</p>")
 
 
 # ------------------------------------------------------------------------------------ per-detector sections
@@ -563,7 +564,8 @@ def _legend(has_ci: bool, has_plots: bool) -> str:
             "best OOD-agnostic choice), FPR on a log axis by default; the dashed line is TPR 95 %, where a "
             "curve's FPR95 can be read; OOD-tuned detectors are dashed. Detector figures: left, ROC curves "
             "of every OOD set (legend: AUROC %); then ID (grey) vs each OOD set, score densities on shared "
-            "bins spanning the central 99 % of the pooled scores.</li>") if has_plots else ""
+            "bins spanning the central 99 % of the pooled scores (per-panel bins for OOD-tuned detectors, whose "
+            "scores have a different scale per OOD set).</li>") if has_plots else ""
     return (
         '<details class="box legend"><summary>How to read this report</summary><ul>'
         "<li>Scores: higher = more in-distribution (ID). AUROC uses ID as the positive class; "
