@@ -186,6 +186,8 @@ def test_bad_dict_inputs_are_explained(bert):
 
     with pytest.raises(gradood.InputError, match=r"keys.*earlier batches had \['input_ids'\]"):
         gradood.Probe(bert).signals(Changing(), progress=False).logits
+    with pytest.raises(gradood.ModelError, match=r"layer 'bert' outputs a BaseModelOutput\w*, not a tensor"):
+        gradood.Probe(bert).signals(tokens(2, 0), progress=False).get(gradood.Tap("bert"))
 
 
 # ----------------------------------------------------------------------------------------- output formats
@@ -353,3 +355,18 @@ def test_every_detector_runs_on_a_bert_classifier_or_says_why(name, bert_signals
 def test_core_import_does_not_import_transformers():
     code = "import sys, gradood; gradood.available(); gradood.Probe; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_pixel_values_dict_is_perturbed_like_the_image_tensor():
+    """A dict input with ``pixel_values`` (ViT) is perturbed in pixel units like the same images passed as a
+    tensor: ODIN and Mahalanobis preprocessing give identical scores either way."""
+    model = tiny("vit")
+    x = make_inputs(6, 3, 8, 8, seed=14).double()
+    for name, hp in [("odin", {"temperature": 10.0, "eps": 0.01}),
+                     ("mahalanobis-ensemble", {"eps": 0.01, "combine": "mean-z"})]:
+        scores = []
+        for data in ({"pixel_values": x, "labels": torch.arange(6) % 3}, (x, torch.arange(6) % 3)):
+            probe = gradood.Probe(model, input_std=0.5)
+            s = probe.signals(data, batch_size=3, progress=False)
+            scores.append(gradood.create(name, **hp).fit(s).score(s))
+        torch.testing.assert_close(torch.as_tensor(scores[0]), torch.as_tensor(scores[1]), rtol=1e-10, atol=1e-12)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ._batches import Inputs, as_inputs, check_equal_lengths, take_rows
 from ._head import find_head, is_head_candidate, pool_positions
-from .errors import InputError, ModelError
+from .errors import GradoodError, InputError, ModelError
 
 if TYPE_CHECKING:  # annotations only (signals imports probe)
     from .signals import Signals
@@ -80,6 +80,13 @@ def _float_parts(x: Inputs) -> list[torch.Tensor]:
     """The floating-point tensors of a batch of inputs (token ids and masks are not checked for NaN)."""
     parts = list(x.values()) if isinstance(x, dict) else [x]
     return [t for t in parts if t.is_floating_point()]
+
+
+def _tap_copy(name: str, o: Any) -> torch.Tensor:
+    if not isinstance(o, torch.Tensor):
+        raise ModelError(f"layer {name!r} outputs a {type(o).__name__}, not a tensor, so it cannot be tapped; "
+                         "name a layer inside it that outputs a tensor.")
+    return o.clone()
 
 
 def call_model(model: nn.Module, x: Inputs) -> Any:
@@ -335,6 +342,8 @@ class Probe:
     def _run_model(self, x: Inputs) -> Any:
         try:
             return call_model(self.model, x)
+        except GradoodError:
+            raise  # gradood's own hooks already said what is wrong
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             if self._input_shape is None:
                 what = (f"the keyword inputs {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in x.items())}}}"
@@ -378,7 +387,7 @@ class Probe:
             # a clone (differentiable, so also with grad=True): a later in-place op (x += identity,
             # ReLU(inplace)) must not change what was captured
             handles.append(self._modules[t].register_forward_hook(
-                lambda _m, _i, o, n=t: captured.__setitem__(("tap", n), o.clone())))
+                lambda _m, _i, o, n=t: captured.__setitem__(("tap", n), _tap_copy(n, o))))
         try:
             with self.eval_mode(), torch.set_grad_enabled(grad), self.model_inputs(x) as inputs:
                 out = self._run_model(inputs)
@@ -581,7 +590,7 @@ class Probe:
     def default_layers(self) -> list[str]:
         """Layers to tap when a multi-layer method is not told which: every activation module (ReLU family,
         GELU, SiLU...) that the forward pass reaches exactly once, in forward order; if the model uses
-        functional activations only, the outputs of its top-level children. Needs one batch to have run."""
+        functional activations only, the outputs of its top-level children (those that output a tensor). Needs one batch to have run."""
         if self._example is None:
             raise ModelError("run at least one batch through the probe before asking for its default layers.")
         acts = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish)
@@ -589,8 +598,9 @@ class Probe:
         order: list[str] = []
 
         def hook(name: str):
-            def fn(_m: nn.Module, _i: Any, _o: Any) -> None:
-                calls[name] = calls.get(name, 0) + 1
+            def fn(_m: nn.Module, _i: Any, o: Any) -> None:
+                # a layer returning a tuple / ModelOutput (a whole transformer) cannot be tapped
+                calls[name] = calls.get(name, 0) + (1 if isinstance(o, torch.Tensor) else 2)
                 if name not in order:
                     order.append(name)
             return fn
