@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train a model recipe, e.g. gradood train lenet-fmnist --out lenet.pt",
                        description=train_parser().description)
     t.set_defaults(func=cmd_train)
+
+    from .cli_deploy import add_deploy_commands
+
+    add_deploy_commands(sub, common_options)  # gradood fit / gradood score (cli_deploy.py)
     return p
 
 

@@ -80,7 +80,9 @@ class Guard(nn.Module):
         return self.probe.device
 
     def forward(self, x: torch.Tensor) -> GuardOutput:
-        """Logits, scores and decisions for one batch of inputs (as the model takes them)."""
+        """Logits, scores and decisions for one batch of inputs (as the model takes them; numpy arrays too)."""
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
         if isinstance(x, torch.Tensor) and self._input_shape is not None and tuple(x.shape[1:]) != self._input_shape:
             raise InputError(f"inputs have per-sample shape {tuple(x.shape[1:])}, but the detector was fitted on "
                              f"{self._input_shape}: resize them as the model was fed when the detector was fitted.")
