@@ -270,3 +270,24 @@ def test_head_at_every_position_with_averaged_logits_is_refused():
     probe, s = _signals(seeded(MeanPooled, 0), torch.randint(1, 20, (4, 5)), head="score")
     with pytest.raises(gradood.ModelError, match=r"not its output at any one position"):
         s.logits
+
+
+def test_head_is_found_under_inference_mode():
+    """Head discovery follows autograd: it still works when the user runs gradood under inference_mode."""
+    model, x = seeded(AuxAfterHead, 0), make_inputs(5, 6, seed=7)
+    with torch.inference_mode():
+        probe, s = _signals(model, x)
+        logits = s.logits
+    assert probe.head_name == "fc"
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x))
+
+
+def test_logits_without_autograd_graph_ask_for_head():
+    class Detaching(AuxAfterHead):
+        def forward(self, x):
+            return super().forward(x).detach()
+
+    probe, s = _signals(seeded(Detaching, 0), make_inputs(4, 6))
+    with pytest.raises(gradood.ModelError, match=r"no autograd graph.*\['body.0', 'fc', 'aux'\].*head="):
+        s.logits

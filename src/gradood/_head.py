@@ -117,7 +117,14 @@ def find_head(model: nn.Module, run: Callable[[], Any], logits_of: Callable[[Any
             "be found. Pass Probe(model, head='<name>') naming the layer whose output are the logits (an "
             "nn.Linear, or a 1x1 nn.Conv2d); module names are listed by [n for n, _ in model.named_modules()]."
         )
-    found, stopped = heads_reaching(logits_of(out), leaves)
+    logits = logits_of(out)
+    if logits.grad_fn is None:
+        raise ModelError(
+            f"the model's logits carry no autograd graph (the forward pass detaches them or runs under "
+            f"torch.no_grad), so the layer that outputs them cannot be traced among {reached[:8]}. Pass "
+            "Probe(model, head='<name>') naming the layer whose output are the logits."
+        )
+    found, stopped = heads_reaching(logits, leaves)
     names = list(dict.fromkeys(n for n, _ in found))
     if len(found) == 1:
         return found[0][0]

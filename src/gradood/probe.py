@@ -147,8 +147,9 @@ class Probe:
         ``ModelOutput``), ``["logits"]`` (dict) or ``[0]`` (tuple).
     embeddings:
         Name of the token-embedding module whose output perturbation methods move for token inputs (integer
-        ids). ``None`` (default): ``model.get_input_embeddings()`` for transformers models, else the first
-        ``nn.Embedding`` the forward pass reaches.
+        ids): they add ``eps * sign(grad)`` to every coordinate of its output, so for text ``eps`` is in the
+        units of the embedding table (``input_std`` does not apply). ``None`` (default):
+        ``model.get_input_embeddings()`` for transformers models, else the model's only ``nn.Embedding``.
     """
 
     def __init__(
@@ -233,10 +234,11 @@ class Probe:
 
     def _find_head(self, x: Inputs) -> None:
         """The head by data flow (see :mod:`gradood._head`), on the first two samples of the first batch."""
-        few = take_rows(x, slice(0, 2))
-
         def run() -> Any:
-            with self.eval_mode():
+            # autograd must record even when called under torch.inference_mode (inputs made there are cloned)
+            with torch.inference_mode(False), self.eval_mode():
+                few = take_rows(x, slice(0, 2))
+                few = {k: v.clone() for k, v in few.items()} if isinstance(few, dict) else few.clone()
                 return self._run_model(few)  # a model failing on the first batch gets the InputError below
 
         self._set_head(find_head(self.model, run, self.output_logits, scope=self._head_scope))
