@@ -336,12 +336,12 @@ def test_figures_are_legible_at_the_report_width():
 
 def test_roc_log_fpr_axis():
     rng = np.random.default_rng(3)
-    panels = _overview_panels(rng, n=1000)  # 500 OOD samples: smallest non-zero FPR 2e-3, axis from 1e-3
+    panels = _overview_panels(rng, n=1000)  # 500 OOD samples: the smallest non-zero FPR is 2e-3
     fig = P.draw_overview_roc_figure(panels, log_fpr=True, dashed=["det1"])
     for ax in fig.axes:
-        assert ax.get_xscale() == "log" and ax.get_xlim() == pytest.approx((1e-3, 1.0))
+        assert ax.get_xscale() == "log" and ax.get_xlim() == pytest.approx((2e-3, 1.0))
         curves = [ln for ln in ax.lines if ln.get_label().startswith("det")]
-        assert len(curves) == 5 and min(ln.get_xdata().min() for ln in curves) == pytest.approx(1e-3)
+        assert len(curves) == 5 and min(ln.get_xdata().min() for ln in curves) == pytest.approx(2e-3)
         assert [ln.get_linestyle() for ln in curves] == ["-", "--", "-", "-", "-"]
     lin = P.draw_overview_roc_figure(panels, log_fpr=False)
     assert all(ax.get_xscale() == "linear" and ax.get_xlim() == (0, 1) for ax in lin.axes)

@@ -110,8 +110,8 @@ def _png(fig: Figure) -> bytes:
 
 # ------------------------------------------------------------------------------------ ROC
 def _fpr_floor(n_ood: int) -> float:
-    """Left end of a log FPR axis: the power of ten at or below the smallest non-zero FPR, 1 / n_ood."""
-    return 10.0 ** np.floor(np.log10(1.0 / max(n_ood, 1)))
+    """Left end of a log FPR axis: the smallest non-zero FPR, 1 / n_ood (at most 1 %)."""
+    return min(1.0 / max(n_ood, 1), 0.01)
 
 
 def _roc_axes(ax, log_fpr: bool, floor: float, title: str) -> None:
@@ -135,7 +135,8 @@ def _roc_line(ax, s_id: np.ndarray, s_ood: np.ndarray, log_fpr: bool, floor: flo
     fpr, tpr, _ = metrics.roc_curve(s_id, s_ood)
     fpr, tpr = _decimate(fpr, tpr)
     if log_fpr:
-        # FPR 0 has no place on a log axis: those points sit on the left edge, which reads "FPR <= floor".
+        # FPR 0 has no place on a log axis: those points sit on the left edge, the smallest FPR the OOD set
+        # can measure.
         fpr = np.maximum(fpr, floor)
     ax.plot(fpr, tpr, **style)
 
@@ -258,7 +259,7 @@ def overview_roc_figure(panels: Mapping[str, Sequence[tuple[str, np.ndarray, np.
 
     A label keeps its colour in every panel; labels in ``dashed`` (e.g. OOD-tuned detectors) are drawn
     dashed. The legend gives each curve's AUROC in %. ``log_fpr`` (default) puts FPR on a log axis from
-    the power of ten below 1 / n_ood to 1; the dashed horizontal line is TPR 95 %, where each curve's
+    1 / n_ood (the smallest FPR the OOD set can measure) to 1; the dashed horizontal line is TPR 95 %, where each curve's
     FPR95 can be read.
     """
     return _png(draw_overview_roc_figure(panels, title, log_fpr=log_fpr, dashed=dashed))
