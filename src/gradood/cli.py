@@ -249,15 +249,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def common_options(suppress_defaults: bool = False, progress_flag: bool = True) -> argparse.ArgumentParser:
     """Options every subcommand takes (``-v``, ``-q``, ``--no-progress``); pass a fresh one as
     ``parents=[common_options()]`` when adding a subcommand (argparse shares the parent's option objects)."""
-    default = argparse.SUPPRESS if suppress_defaults else None
+    # SUPPRESS: an option given before the subcommand is not reset by the subcommand's default (readers use
+    # getattr(args, name, default)); ``suppress_defaults`` is kept for callers that pass it
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("output")
-    g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if suppress_defaults else 0,
+    g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                    help="more diagnostics on stderr (-vv: debug)")
-    g.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS if suppress_defaults else 0,
+    g.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
                    help="errors only, no progress bars")
     if progress_flag:
-        g.add_argument("--no-progress", action="store_true", default=default or False,
+        g.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
                        help="no progress bars (they are drawn only when stderr is a terminal anyway)")
     return p
 
@@ -321,6 +322,12 @@ def _train_argv(argv: Sequence[str]) -> list[str]:
     return [a for a in rest if a not in ("-v", "-vv", "--verbose", "-q", "--quiet")]
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _report(e: BaseException, verbosity: int) -> None:
     print(f"gradood: error: {e}", file=sys.stderr)
     cause = e.__cause__
@@ -340,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.train_argv = _train_argv(argv)
     verbosity = _verbosity(args)
     setup_logging(verbosity)
+    log.debug("gradood %s, python %s, command line: %s", _version(), sys.version.split()[0], argv)
     try:
         return int(args.func(args) or 0)
     except GradoodError as e:
