@@ -78,16 +78,30 @@ def test_a_detector_without_structured_citation_still_lists_in_the_same_style():
     assert cli.source_of(Uncited()) == "Doe et al., ICML 2020"
 
 
-@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def _all_subcommands() -> list[str]:
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+def test_the_core_subcommands_exist():
+    assert set(SUBCOMMANDS) <= set(_all_subcommands())
+
+
+@pytest.mark.parametrize("command", _all_subcommands())
 def test_every_subcommand_has_a_real_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: gradood {command}")
-    for option in SUBCOMMANDS[command] + ["--verbose", "--quiet"]:
+    for option in SUBCOMMANDS.get(command, []) + ["--verbose", "--quiet"]:
         assert option in out, f"gradood {command} --help does not document {option}"
     assert "rest" not in out.split()
+    description = out.split("\n\n")[1]
+    assert len(description) > 20 and not description.startswith(("positional", "options")), \
+        f"gradood {command} --help has no description"
 
 
 def test_train_passes_its_arguments_verbatim(monkeypatch):

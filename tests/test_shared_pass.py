@@ -84,3 +84,11 @@ def test_progress_bars_only_on_a_terminal(setup, capsys):
     probe = gradood.Probe(model)
     gradood.signals_for(probe, fit_data, [gradood.create("msp")], progress=True, batch_size=8)
     assert capsys.readouterr().err == ""
+
+
+def test_the_shared_pass_is_logged(setup, caplog):
+    model, fit_data, _, _ = setup
+    with caplog.at_level("INFO", logger="gradood"):
+        gradood.signals_for(gradood.Probe(model), fit_data, [gradood.create("msp"), gradood.create("knn")],
+                            fit=True, progress=False, name="fitset")
+    assert any("fitset: one pass for logits, features (to fit)" in r.getMessage() for r in caplog.records)

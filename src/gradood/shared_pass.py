@@ -16,12 +16,14 @@ basis, tuned ODIN/GRODIN) must be fitted before their scoring signals can be req
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 from .detectors.base import Detector
 from .errors import InputError, NotFittedError
 from .signals import Request, Signals
 
+log = logging.getLogger(__name__)
 
 def requests_for(detectors: Iterable[Detector], *, fit: bool = False) -> list[Request]:
     """The union (in order, without duplicates) of the signals the detectors read to ``fit`` (``fit=True``)
@@ -49,7 +51,10 @@ def require_for(signals: Signals, detectors: Iterable[Detector], *, fit: bool = 
     score) that is not there yet. Returns ``signals``."""
     if not isinstance(signals, Signals):
         raise InputError(f"signals must be gradood Signals (probe.signals(data)), got {type(signals).__name__}.")
-    signals.require(requests_for(detectors, fit=fit))
+    requests = requests_for(detectors, fit=fit)
+    log.info("%s: one pass for %s (%s)", signals.name, ", ".join(r.key for r in requests) or "nothing",
+             "to fit" if fit else "to score")
+    signals.require(requests)
     return signals
 
 
