@@ -28,7 +28,7 @@ class TiedGaussian:
 
     @classmethod
     def fit(cls, feats: torch.Tensor, labels: torch.Tensor, n_classes: int | None = None, *, ridge: float = 0.0,
-            who: str = "Mahalanobis", data: str = "the ID fit data") -> "TiedGaussian":
+            who: str = "Mahalanobis", data: str = "the ID fit data", fix: str = "") -> "TiedGaussian":
         """Means per class and ``Sigma = (1/N) sum_c sum_{i in c} (f_i - mu_c)(f_i - mu_c)^T``
         (sklearn ``EmpiricalCovariance`` on class-centred features; precision by ``pinvh``, as sklearn).
 
@@ -51,7 +51,7 @@ class TiedGaussian:
         centred = f - means[y]
         cov = centred.T @ centred / f.shape[0]
         if ridge == 0:
-            _warn_if_rank_deficient(cov, f, who, data, C)
+            _warn_if_rank_deficient(cov, f, who, data, C, fix)
         return cls.from_moments(means, cov, ridge=ridge)
 
     @classmethod
@@ -76,7 +76,8 @@ class TiedGaussian:
         return torch.cat(out)
 
 
-def _warn_if_rank_deficient(cov: torch.Tensor, f: torch.Tensor, who: str, data: str, n_classes: int) -> None:
+def _warn_if_rank_deficient(cov: torch.Tensor, f: torch.Tensor, who: str, data: str, n_classes: int,
+                            fix: str = "") -> None:
     D, N = cov.shape[0], f.shape[0]
     rank = covariance_rank(cov)
     if rank >= D:
@@ -89,8 +90,8 @@ def _warn_if_rank_deficient(cov: torch.Tensor, f: torch.Tensor, who: str, data: 
         f"{who}: the tied covariance of {data} has rank {rank} < D = {D} ({why}). gradood pseudo-inverts it, as "
         f"scikit-learn's EmpiricalCovariance and the official code do: distances ignore the {D - rank} directions in "
         "which the ID features never vary, so a sample that differs from ID only there is not penalised (a ridge, "
-        "as pytorch-ood uses, would penalise it heavily; the two rankings can differ). To choose: pass ridge=1e-6 "
-        "(Sigma + ridge * mean variance * I) for the ridge form, drop the constant units, or fit on more samples.",
+        "as pytorch-ood uses, would penalise it heavily; the two rankings can differ). "
+        + (fix or "To avoid it: features without constant units, or more fit samples."),
         stacklevel=6,
     )
 
@@ -131,7 +132,9 @@ class Mahalanobis(Detector):
 
     def _fit(self, signals: Signals, **_: object) -> None:
         y = class_labels(signals, "mahalanobis")
-        self.gaussian_ = TiedGaussian.fit(signals.features, y, ridge=self.ridge,
+        self.gaussian_ = TiedGaussian.fit(signals.features, y, ridge=self.ridge, fix=(
+                                              "To choose the ridge form, pass ridge=1e-6 (Sigma + ridge * mean variance"
+                                              " * I); or use features without constant units, or more fit samples."),
                                           who="mahalanobis", data=f"{signals.name!r} (penultimate features)")
 
     def _score(self, signals: Signals) -> torch.Tensor:
@@ -273,7 +276,8 @@ class MahalanobisEnsemble(Detector):
         labels = class_labels(signals, self.label)
         signals.require([Tap(layer, "mean") for layer in self.layers_])
         self.gaussians_ = tuple(TiedGaussian.fit(signals.get(Tap(layer, "mean")), labels, who=self.label,
-                                                 data=f"{signals.name!r} at layer {layer!r}")
+                                                 data=f"{signals.name!r} at layer {layer!r}",
+                                                 fix=f"To avoid it: layers= without {layer!r}, or more fit samples.")
                                 for layer in self.layers_)
         self.eps_ = float(self.eps)
         id_v = id_val if id_val is not None else signals
