@@ -184,6 +184,9 @@ def _edited(monkeypatch, filename: str) -> None:
         return data + b"\n# edited\n" if str(path).endswith(filename) else data
 
     monkeypatch.setattr(cache, "read_source", read)
+    # as a new process would read it (the other files as this process first read them)
+    monkeypatch.setattr(cache, "_SOURCE_DIGESTS",
+                        {p: d for p, d in cache._SOURCE_DIGESTS.items() if not str(p).endswith(filename)})
 
 
 @pytest.mark.parametrize("edited,changes", [

@@ -101,7 +101,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for module_name, qualname in classes:
         h.update(f"class {module_name}.{qualname};".encode())
     for f in sorted({_class_file(m) for m, _ in classes} - {None}):
-        h.update(str(f).encode() + b"\0" + read_source(f) + b"\0")
+        h.update(f"{f}={source_digest(f)};".encode())
     return h.hexdigest()[:16]
 
 
@@ -114,6 +114,18 @@ def _class_file(module_name: str) -> Path | None:
 def read_source(path: Path) -> bytes:
     """The bytes of a source file (one place, so a test can stand in for an edited file)."""
     return Path(path).read_bytes()
+
+
+#: sha256 of each source file as first read by this process: the code a process runs is the code it imported,
+#: so a file edited while it runs does not change its keys half-way
+_SOURCE_DIGESTS: dict[Path, str] = {}
+
+
+def source_digest(path: Path) -> str:
+    d = _SOURCE_DIGESTS.get(path)
+    if d is None:
+        d = _SOURCE_DIGESTS[path] = hashlib.sha256(read_source(path)).hexdigest()
+    return d
 
 
 def _module_file(name: str) -> Path | None:
@@ -220,7 +232,7 @@ def code_fingerprint(request_cls: type) -> str:
     """sha256 (16 hex digits) of the source files of :func:`code_files` (paths relative to their package)."""
     h = hashlib.sha256(b"gradood-code-v1;")
     for f in code_files(request_cls):
-        h.update(_display(f).encode() + b"\0" + read_source(f) + b"\0")
+        h.update(f"{_display(f)}={source_digest(f)};".encode())
     if _module_file(request_cls.__module__) is None:  # defined in a notebook / __main__ without a file
         try:
             h.update(inspect.getsource(request_cls).encode())

@@ -520,8 +520,11 @@ class Signals:
                  if (k := _cache.read_key(p)) and (_cache.read_key(p, "note") or {}).get("name") == self.name]
         if not found:
             return
-        want = {**key, "data": self._data_digest or "(not hashed yet)"}
-        parts = _cache.differing_parts(want, found) or ["data"]
+        # the data is hashed up front only when an entry could match it; otherwise it is compared as equal here
+        # (if every other part matched, that entry would have been a candidate and the data hashed)
+        want = {**key, "data": self._data_digest}
+        parts = _cache.differing_parts(want, [k if self._data_digest else {**k, "data": None} for k in found])
+        parts = parts or ["data"]
         self._warned.add(key["request"])
         warnings.warn(
             f"signal {key['request']!r} of {self.name!r}: {self.cache_dir} holds it only for "
