@@ -9,6 +9,11 @@ Usage (after ``./dev bench``, which writes ``gradood-results/``; reruns reuse it
 
     python benchmarks/report_screenshot.py gradood-results docs/img/report-overview.png
 
+For a quick look, a one-model run of ten detectors (about a minute)::
+
+    gradood bench benchmarks/report_tiny.toml --out report-tiny
+    python benchmarks/report_screenshot.py report-tiny /tmp/report-tiny.png
+
 Needs selenium (the ``test`` extra) and Debian's ``chromium`` + ``chromium-driver`` (``./dev test`` installs them).
 """
 
