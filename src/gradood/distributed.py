@@ -1,0 +1,290 @@
+"""gradood on a Ray cluster: signal extraction on a pool of model-holding actors, fits reduced from shards,
+scoring on the cluster. Optional: ``pip install gradood[ray]``; nothing else in gradood imports Ray.
+
+::
+
+    from gradood import distributed
+    distributed.init("auto")                                  # or None: a local cluster on this machine
+    fit = distributed.extract_to_shards(probe, (x, y), det.fit_requests(), "shards/fit", workers=4,
+                                        gpus_per_worker=1)    # Ray Data map_batches over an actor pool
+    distributed.fit(det, fit)                                 # per-shard statistics as Ray tasks, merged in order
+    scores = distributed.score(det, distributed.extract_to_shards(probe, x_test, det.requests(), "shards/test"))
+
+Extraction runs ``map_batches`` over the batch indices with one actor per worker; each actor holds the model
+(on a GPU when ``gpus_per_worker > 0``) and computes every requested signal of its batches exactly as one
+process would -- logits, features, taps, per-sample gradients (GRODIN, low-dimensional gradients) and
+perturbed-input signals (ODIN, Mahalanobis/FSSD preprocessing). Results stream back in batch order
+(``preserve_order``), so the shards, the fitted statistics (merged in shard order) and the scores do not
+depend on the number of workers. A killed actor is restarted and its batch retried (Ray Data's actor pools
+restart actors and retry their tasks by default): no sample is lost or repeated (tested by killing one).
+
+Where the data lives: in-memory arrays / tensors (or a ``(inputs, labels)`` tuple) are put in Ray's object
+store once and sliced by the actors; a map-style ``Dataset`` is sent to the actors and indexed there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, InputError
+from .signals import Request
+
+#: Retries of a per-shard fit or score task whose worker died.
+RETRIES = 3
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError("the Ray backend needs Ray: pip install 'gradood[ray]' (ray[data]).") from e
+    return ray
+
+
+def init(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to a Ray cluster (``address``: ``"auto"``, ``"ray://host:10001"``, ...), or start a local one
+    (``address=None``) with ``num_cpus``. Does nothing when Ray is already initialised."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
+    if address is None:
+        kwargs["num_cpus"] = num_cpus or os.cpu_count()
+        # workers import gradood from the same place as this process (an editable checkout or site-packages)
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}}
+    else:
+        kwargs["address"] = address
+    ray.init(**kwargs)
+
+
+# ---------------------------------------------------------------------- the actor
+class SignalActor:
+    """Holds the model and a probe; turns a batch of batch indices into the requested signals' rows."""
+
+    def __init__(self, model: torch.nn.Module, probe_kwargs: dict[str, Any], data_ref: Any, batch_size: int,
+                 requests: Sequence[Request]) -> None:
+        import ray
+
+        from .probe import Probe
+
+        torch.set_num_threads(1)  # one core per actor: the pool is the parallelism
+        device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+        self.probe = Probe(model.to(device).eval(), **probe_kwargs)
+        self.data = ray.get(data_ref) if isinstance(data_ref, ray.ObjectRef) else data_ref
+        self.batch_size = batch_size
+        self.requests = list(requests)
+        self.taps = sorted({t for r in self.requests for t in r.taps})
+
+    def _batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+        lo = b * self.batch_size
+        x, y = self.data
+        if isinstance(x, np.ndarray):
+            hi = min(lo + self.batch_size, len(x))
+            xs = torch.from_numpy(np.array(x[lo:hi]))
+            ys = None if y is None else torch.from_numpy(np.array(y[lo:hi]))
+        else:  # a map-style Dataset yielding x or (x, y)
+            hi = min(lo + self.batch_size, len(x))
+            items = [x[i] for i in range(lo, hi)]
+            pairs = [it if isinstance(it, (tuple, list)) else (it, None) for it in items]
+            xs = torch.stack([torch.as_tensor(p[0]) for p in pairs])
+            ys = None if pairs[0][1] is None else torch.as_tensor([int(p[1]) for p in pairs])
+        return xs, ys, np.arange(lo, hi)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .stream.shards import compute_batch
+
+        cols: dict[str, list[np.ndarray]] = {"index": [], "labels": []}
+        for b in batch["data"].tolist():
+            x, y, index = self._batch(int(b))
+            values = compute_batch(self.probe, x, y, self.requests, int(b), self.taps)
+            cols["index"].append(index)
+            cols["labels"].append(np.full(len(index), -2) if y is None else y.long().numpy())
+            for i, r in enumerate(self.requests):
+                cols.setdefault(f"s{i}", []).append(values[r.key].numpy())
+        return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def _data_ref(data: Any) -> tuple[Any, int]:
+    """What the actors read the inputs from, and the number of samples."""
+    from torch.utils.data import DataLoader, Dataset
+
+    ray = _ray()
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (int, float)):
+        x, y = data
+    else:
+        x, y = data, None
+    if isinstance(x, Dataset) and not isinstance(x, DataLoader):
+        return (x, None), len(x)  # type: ignore[arg-type]
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"the Ray backend reads in-memory arrays, a (inputs, labels) tuple of them, or a map-style "
+                         f"Dataset; got {type(x).__name__}. A DataLoader cannot be split among workers: pass its "
+                         "dataset.")
+    if y is not None and len(y) != len(x):
+        raise InputError(f"inputs have {len(x)} samples but labels have {len(y)}; pass matching arrays.")
+    return ray.put((x, y)), len(x)
+
+
+def _probe_kwargs(probe: Any) -> dict[str, Any]:
+    return {"head": probe.head_name or getattr(probe, "requested_head", None), "input_std": probe.input_std,
+            "input_mean": probe.input_mean}
+
+
+def iter_signal_batches(probe: Any, data: Any, requests: Sequence[Request], *, workers: int = 2,
+                        gpus_per_worker: float = 0, batch_size: int = 256):
+    """Yield ``(index, labels, {request key: rows})`` in sample order, computed on a pool of ``workers``
+    actors by Ray Data ``map_batches``."""
+    ray = _ray()
+    init(None) if not ray.is_initialized() else None
+    import ray.data
+
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}.")
+    ref, n = _data_ref(data)
+    if probe.head_name is None:  # find the head here too: shards record its weights (ReAct, ViM read them)
+        from ._batches import BatchSource
+
+        for x, _ in BatchSource(data, batch_size=min(batch_size, 8)).iter_batches():
+            probe.forward(x, batch_index=0)
+            break
+    if n == 0:
+        raise InputError("the dataset is empty: there are no samples to extract.")
+    n_batches = (n + batch_size - 1) // batch_size
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    requests = list(dict.fromkeys(requests))
+    model = probe.model
+    # batch indices as in-memory blocks: no read task competes with the actors for the cluster's CPUs
+    blocks = np.array_split(np.arange(n_batches), min(n_batches, 4 * workers))
+    ds = ray.data.from_numpy([b for b in blocks if len(b)]).map_batches(
+        SignalActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=gpus_per_worker or None, num_cpus=1,
+        fn_constructor_kwargs={"model": model, "probe_kwargs": _probe_kwargs(probe), "data_ref": ref,
+                               "batch_size": batch_size, "requests": requests})
+    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        labels = out["labels"]
+        yield out["index"], (None if len(labels) and labels[0] == -2 else labels), {
+            r.key: out[f"s{i}"] for i, r in enumerate(requests)}
+
+
+def extract(probe: Any, data: Any, requests: Sequence[Request], *, workers: int = 2, gpus_per_worker: float = 0,
+            batch_size: int = 256) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Every request's signal for ``data`` (in memory, sample order) and the labels, computed on Ray."""
+    chunks: dict[str, list[np.ndarray]] = {r.key: [] for r in requests}
+    index, labels = [], []
+    for idx, lab, values in iter_signal_batches(probe, data, requests, workers=workers,
+                                                gpus_per_worker=gpus_per_worker, batch_size=batch_size):
+        index.append(idx)
+        labels.append(lab)
+        for k, v in values.items():
+            chunks[k].append(v)
+    order = np.concatenate(index)
+    if not np.array_equal(order, np.arange(len(order))):
+        raise RuntimeError("Ray returned the samples out of order or incomplete; refusing to use them.")
+    y = None if any(lab is None for lab in labels) else torch.from_numpy(np.concatenate(labels))
+    return {k: torch.from_numpy(np.concatenate(v)) for k, v in chunks.items()}, y
+
+
+def extract_to_shards(probe: Any, data: Any, requests: Sequence[Request], folder: str | Path, *, workers: int = 2,
+                      gpus_per_worker: float = 0, batch_size: int = 256, shard_rows: int = 65536,
+                      name: str | None = None):
+    """:func:`gradood.stream.extract_to_shards` with the forward passes on a Ray actor pool; the driver writes
+    the shards in order as the batches stream back, so its memory is one shard."""
+    from . import cache as _cache
+    from .stream.shards import HEAD, ShardedSignals, ShardWriter, _head_arrays, extraction_key
+
+    folder = Path(folder)
+    requests = list(dict.fromkeys(requests))
+    key = extraction_key(probe, requests)
+    writer = ShardWriter(folder, [r.key for r in requests], key, shard_rows, name or folder.name)
+    seen = 0
+    for idx, lab, values in iter_signal_batches(probe, data, requests, workers=workers,
+                                                gpus_per_worker=gpus_per_worker, batch_size=batch_size):
+        if not np.array_equal(idx, np.arange(seen, seen + len(idx))):
+            raise RuntimeError("Ray returned the samples out of order or incomplete; refusing to write them.")
+        seen += len(idx)
+        writer.append(values, lab, seen, "")  # no resume on the cluster path: a rerun re-extracts
+    writer.flush(seen, "")
+    writer.key = {**key, "data": data_digest(data, batch_size)}
+    head = _head_arrays(probe)
+    if head is not None:
+        _cache.write_verified(folder / HEAD, _cache.npz_bytes(head))
+    writer.write_manifest(complete=True)
+    return ShardedSignals(folder)
+
+
+def data_digest(data: Any, batch_size: int) -> str:
+    """The same data key a single-process extraction records (hash of the input batches)."""
+    from . import cache as _cache
+    from ._batches import BatchSource
+
+    hasher = _cache.DataHasher()
+    for x, y in BatchSource(data, batch_size=batch_size).iter_batches():
+        hasher.update(x, y)
+    return hasher.digest()
+
+
+# ---------------------------------------------------------------------- fit and score
+def _remote_map(fitter: Any, p: int, i: int) -> Any:
+    return fitter.map(p, i)
+
+
+def ray_map_shards(fitter: Any, p: int) -> list:
+    """One pass of a streamed fit as Ray tasks, one per shard; results in shard order."""
+    ray = _ray()
+    task = ray.remote(num_cpus=1, max_retries=RETRIES)(_remote_map)
+    ref = ray.put(fitter)
+    return ray.get([task.remote(ref, p, i) for i in range(len(fitter.offsets))])
+
+
+def fit(detector: Any, shards: Any) -> Any:
+    """Fit ``detector`` from ID shards with per-shard statistics computed as Ray tasks (merged in shard order,
+    so the result equals :func:`gradood.stream.fit_streaming`'s)."""
+    from .stream.fit import fit_streaming
+
+    _ray()
+    init(None)
+    return fit_streaming(detector, shards, map_shards=ray_map_shards)
+
+
+def _remote_score(detector: Any, folder: str, i: int) -> np.ndarray:
+    from .stream.fit import score_shard
+    from .stream.shards import ShardedSignals
+
+    return score_shard(detector, ShardedSignals(folder, verify=False).shard_signals(i))
+
+
+def score(detector: Any, shards: Any) -> np.ndarray:
+    """Scores of every sample in ``shards`` as Ray tasks, one per shard, concatenated in order."""
+    ray = _ray()
+    init(None)
+    task = ray.remote(num_cpus=1, max_retries=RETRIES)(_remote_score)
+    ref = ray.put(detector)
+    return np.concatenate(ray.get([task.remote(ref, str(shards.folder), i) for i in range(len(shards.shards))]))
+
+
+class RayExecutor:
+    """Plugged into :class:`gradood.Signals` (``signals.executor``) so that every lazy extraction -- including
+    the perturbation and gradient signals detectors ask for while fitting -- runs on the actor pool."""
+
+    def __init__(self, workers: int = 2, gpus_per_worker: float = 0) -> None:
+        self.workers, self.gpus_per_worker = workers, gpus_per_worker
+
+    def extract(self, source: Any, probe: Any, requests: Sequence[Request]) -> tuple[dict[str, torch.Tensor],
+                                                                                     torch.Tensor | None]:
+        arrays = getattr(source, "_arrays", None)
+        data = arrays if arrays is not None else getattr(getattr(source, "data", None), "dataset", None)
+        if data is None:
+            raise InputError("the Ray backend needs in-memory arrays or a map-style Dataset to split among workers.")
+        return extract(probe, data, requests, workers=self.workers, gpus_per_worker=self.gpus_per_worker,
+                       batch_size=source.batch_size)
