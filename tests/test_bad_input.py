@@ -113,7 +113,9 @@ def test_unreadable_data(mlp):
         _sig(mlp, (make_inputs(4, 6), torch.zeros(3)))
     with pytest.raises(gradood.InputError, match=r"batch_size must be >= 1"):
         _sig(mlp, make_inputs(4, 6), batch_size=0)
-    with pytest.raises(gradood.InputError, match=r"needs an 'x'/'input'/'image' entry; it has keys \['pixels'\]"):
+    # a dict without an 'x'/'input'/'image' entry is keyword arguments (tokenizer output): the model says no
+    with pytest.raises(gradood.InputError, match=r"keyword inputs \{pixels: \(2, 6\)\}.*unexpected keyword argument "
+                                                 r"'pixels'.*model\(\*\*batch\).*'x'/'input'/'image' entry"):
         _sig(mlp, Batches([{"pixels": make_inputs(3, 6)}])).logits
 
 

@@ -350,9 +350,11 @@ class Probe:
             if self._input_shape is None:
                 what = (f"the keyword inputs {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in x.items())}}}"
                         if isinstance(x, dict) else f"inputs of per-sample shape {tuple(x.shape[1:])}")
+                how = (" A dict batch is passed to the model as keyword arguments (model(**batch)); a dict with an "
+                       "'x'/'input'/'image' entry is read as that one input tensor." if isinstance(x, dict) else "")
                 raise InputError(
                     f"the model failed on {what} ({type(e).__name__}: {e}). Check that the data has the shape, "
-                    "channel order, keys and dtype the model expects."
+                    f"channel order, keys and dtype the model expects.{how}"
                 ) from e
             raise
 
