@@ -247,6 +247,12 @@ def test_calibrate_predict_and_p_values_agree():
     expect = (1 + (s_cal[None, :] <= s[:, None]).sum(axis=1)) / 201
     np.testing.assert_array_equal(p, expect)
     assert acc.dtype == bool and p.min() >= 1 / 201 and p.max() <= 1
+    # ties: a score equal to calibration scores counts them as "<= s"
+    tied = gradood.create("maxlogit").calibrate(_msp_signals(np.repeat(np.arange(10.0), 3)[:, None]), tpr=0.8)
+    assert tied.threshold_ == 1.0  # k = floor(31 * 0.2) = 6: the 6th lowest of 0,0,0,1,1,1,...
+    np.testing.assert_array_equal(tied.p_values(_msp_signals(np.array([[1.0], [0.5], [-1.0], [9.0]]))),
+                                  np.array([7, 4, 1, 31]) / 31)
+    np.testing.assert_array_equal(tied.predict(_msp_signals(np.array([[1.0], [0.99]]))), [True, False])
 
 
 def test_calibration_is_refused_with_the_reason(data):

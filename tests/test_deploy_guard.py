@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pytest
 import torch
@@ -63,12 +65,30 @@ def test_perturbation_runs_two_forwards_per_batch_with_unchanged_scores(name, kw
     np.testing.assert_allclose(s, s_old, rtol=1e-12, atol=0)
 
 
+@dataclass(frozen=True)
+class RecordsGrad(gradood.Request):
+    """A request that records whether what it is given carries a graph."""
+
+    seen: list = field(default_factory=list, compare=False, hash=False)
+
+    @property
+    def key(self) -> str:
+        return "records-grad"
+
+    def compute(self, batch):
+        self.seen.append((batch.x.requires_grad, batch.logits.requires_grad, batch.features.requires_grad,
+                          torch.is_grad_enabled()))
+        return batch.logits.sum(dim=1, keepdim=True)
+
+
 def test_other_requests_of_a_shared_pass_see_plain_tensors():
     """A single-pass detector scored in the same pass as ODIN gets the same values as alone."""
     model = _model()
     knn, odin = _fit("knn", {"k": 5}, model), _fit("odin", {}, model)
     sig = gradood.Probe(model).signals(TEST_X, batch_size=10, progress=False)
-    sig.require([*knn.requests(), *odin.requests(), gradood.Tap("conv1")])
+    rec = RecordsGrad()
+    sig.require([*knn.requests(), *odin.requests(), gradood.Tap("conv1"), rec])
+    assert [s[:3] for s in rec.seen] == [(False, False, False)] * 3  # 3 batches, none with the shared graph
     assert not any(t.requires_grad for t in (sig.features, sig.logits, sig.get(gradood.Tap("conv1"))))
     alone = gradood.Probe(model).signals(TEST_X, batch_size=10, progress=False)
     np.testing.assert_array_equal(knn.score(sig), knn.score(alone))
