@@ -352,6 +352,7 @@ def test_every_detector_runs_on_a_bert_classifier_or_says_why(name, bert_signals
     assert s.shape == (16,) and bool((s == s).all()) and bool((abs(s) < float("inf")).all())
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and gradood
 def test_core_import_does_not_import_transformers():
     code = "import sys, gradood; gradood.available(); gradood.Probe; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
