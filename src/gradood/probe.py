@@ -91,7 +91,7 @@ def _tap_copy(name: str, o: Any) -> torch.Tensor:
 
 def call_model(model: nn.Module, x: Inputs) -> Any:
     """``model(**x)`` for dict inputs (HuggingFace convention), ``model(x)`` otherwise."""
-    return model(**x) if isinstance(x, dict) else model(x)
+    return model(**x) if isinstance(x, Mapping) else model(x)
 
 
 def output_logits(out: Any, logits: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
