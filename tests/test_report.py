@@ -216,7 +216,8 @@ def test_best_agnostic_when_tuned_detector_wins(tmp_path):
     assert best == ["99.00", "1.00"]
     # rows sorted by AUROC (ties: FPR95, then name): odin, energy, tie, msp; ties at the shown precision all marked
     assert agn == ["95.00", "20.00", "95.00", "20.00"]
-    verdict = re.sub(r"\s+", " ", (tmp_path / "index.html").read_text().split('<p class="verdict">')[1].split("</p>")[0])
+    page_text = (tmp_path / "index.html").read_text()
+    verdict = re.sub(r"\s+", " ", page_text.split('<p class="verdict">')[1].split("</p>")[0])
     assert '<strong class="pick">energy</strong>' in verdict and "Next: tie (95.00 %), msp (90.00 %)" in verdict
     assert "OOD-tuned odin" in verdict
 
@@ -503,7 +504,8 @@ return Array.from(document.querySelectorAll('table.heatmap td[data-metric]'), td
 def _check_heatmap_cells(cells, results_json: Path):
     """Every heatmap number equals results.json: per OOD set exactly, means as the mean of the rows."""
     rows = json.loads(results_json.read_text())["results"]
-    exact = {(r["model"], r["id_dataset"], r["detector"], r["ood_set"], m): r[m] for r in rows for m in ("auroc", "fpr95")}
+    exact = {(r["model"], r["id_dataset"], r["detector"], r["ood_set"], m): r[m]
+             for r in rows for m in ("auroc", "fpr95")}
     per_ood = [c for c in cells if c[3] is not None]
     assert len(per_ood) == len(exact)  # every result shown once
     for model, idd, det, ood, _, metric, value, text in per_ood:

@@ -259,7 +259,7 @@ def overview_roc_figure(panels: Mapping[str, Sequence[tuple[str, np.ndarray, np.
 
     A label keeps its colour in every panel; labels in ``dashed`` (e.g. OOD-tuned detectors) are drawn
     dashed. The legend gives each curve's AUROC in %. ``log_fpr`` (default) puts FPR on a log axis from
-    1 / n_ood (the smallest FPR the OOD set can measure) to 1; the dashed horizontal line is TPR 95 %, where each curve's
-    FPR95 can be read.
+    1 / n_ood (the smallest FPR the OOD set can measure) to 1; the dashed horizontal line is TPR 95 %,
+    where each curve's FPR95 can be read.
     """
     return _png(draw_overview_roc_figure(panels, title, log_fpr=log_fpr, dashed=dashed))

@@ -28,9 +28,9 @@ not an image: its numbers stay selectable, searchable and legible at any zoom, a
 the page (each cell carries ``data-metric``, ``data-value`` and ``data-ood`` or ``data-mean``).
 Also ``plots/*.png``, ``results.csv``, ``results.json``, ``results.md``. Every file is written
 atomically (temporary file in the same folder, then ``os.replace``), so a reader never sees a
-half-written file, and ``index.html`` is written last, so it never references a missing image. The page loads nothing from the network (inline CSS, no scripts,
-a Content-Security-Policy that forbids remote loads); images use relative paths, so the folder can
-be moved or zipped.
+half-written file, and ``index.html`` is written last, so it never references a missing image. The
+page loads nothing from the network (inline CSS, no scripts, a Content-Security-Policy that forbids
+remote loads); images use relative paths, so the folder can be moved or zipped.
 """
 
 from __future__ import annotations
@@ -440,6 +440,64 @@ def _heat_t(v: float, metric: str, scale: tuple[float, float]) -> float:
 _AVG_NAMES = {"avg": "all"} | {f"{g} avg": g for g in OOD_GROUPS}
 
 
+_HEAT_METRICS = ("auroc", "fpr95")
+_Column = tuple[str, str, list[str]]  # (label, kind: near / far / avg, OOD sets), as _Group.columns()
+
+
+def _heat_columns(g: _Group) -> list[tuple[str, list[_Column]]]:
+    """The table's columns under their group header: near OOD sets, far OOD sets, then the means."""
+    cols = g.columns()
+    kinds = [(kind, [c for c in cols if c[1] == kind]) for kind in (*OOD_GROUPS, "avg")]
+    return [(kind, cs) for kind, cs in kinds if cs]
+
+
+def _heat_head(kinds: list[tuple[str, list[_Column]]]) -> str:
+    """Three header rows: metric blocks, near / far / mean groups, OOD sets (a thick line starts each block)."""
+    n_cols = sum(len(cs) for _, cs in kinds)
+    head1 = ['<th rowspan="3" class="det-head">Detector<br><small>sorted by mean AUROC</small></th>']
+    head2, head3 = [], []
+    for m in _HEAT_METRICS:
+        arrow = "lower is better" if m in LOWER_IS_BETTER else "higher is better"
+        head1.append(f'<th colspan="{n_cols}" class="block">{_e(LABELS[m])} % <small>({arrow})</small></th>')
+        for i, (kind, cs) in enumerate(kinds):
+            block = ' class="block"' if i == 0 else ""
+            head2.append(f'<th colspan="{len(cs)}"{block}>{_e("mean" if kind == "avg" else kind)}</th>')
+        ordered = [(kind, lbl) for kind, cs in kinds for lbl, _, _ in cs]
+        for j, (kind, lbl) in enumerate(ordered):
+            cls = (["block"] if j == 0 else []) + (["avg"] if kind == "avg" else [])
+            attr = f' class="{" ".join(cls)}"' if cls else ""
+            head3.append(f"<th{attr}>{_e(_AVG_NAMES[lbl] if kind == 'avg' else lbl)}</th>")
+    return "".join(f"<tr>{''.join(h)}</tr>\n" for h in (head1, head2, head3))
+
+
+def _heat_marks(g: _Group, ordered: list[_Column]) -> dict[tuple[str, str], tuple[dict, set, set]]:
+    """``(metric, column label) -> (values by detector, best detectors, best OOD-agnostic if the best is tuned)``."""
+    marks = {}
+    for m in _HEAT_METRICS:
+        for lbl, _, sets in ordered:
+            vals = {d: g.value(d, sets, m) for d in g.detectors}
+            best = _best(vals, m)
+            agnostic = {d: v for d, v in vals.items() if not g.detectors[d]}
+            best_agn = _best(agnostic, m) if best and all(g.detectors[d] for d in best) else set()
+            marks[(m, lbl)] = (vals, best, best_agn)
+    return marks
+
+
+def _heat_cell(det: str, m: str, column: _Column, first: bool, mark: tuple[dict, set, set],
+               scale: tuple[float, float]) -> str:
+    lbl, kind, sets = column
+    vals, best, best_agn = mark
+    v = vals[det]
+    cls = ["num"] + (["block"] if first else []) + (["avg"] if kind == "avg" else [])
+    where = f'data-mean="{_e(_AVG_NAMES[lbl])}"' if kind == "avg" else f'data-ood="{_e(sets[0])}"'
+    if v is None:
+        return f'<td class="{" ".join(cls + ["na"])}" data-metric="{m}" {where}>n/a</td>'
+    cls += ["best"] if det in best else ["best-agnostic"] if det in best_agn else []
+    what = f"{det} on {lbl}" if kind != "avg" else f"{det}, mean over {_AVG_NAMES[lbl]}"
+    return (f'<td class="{" ".join(cls)}" style="background:{_heat_color(_heat_t(v, m, scale))}" data-metric="{m}" '
+            f'{where} data-value="{v!r}" title="{_e(f"{what}: {LABELS[m]} {100 * v:.4f} %")}">{_pct(v)}</td>')
+
+
 def _heatmap(g: _Group, ranked: list[str]) -> str:
     """Detectors (sorted) x OOD sets + means, AUROC block then FPR95 block, cells coloured by value.
 
@@ -447,61 +505,20 @@ def _heatmap(g: _Group, ranked: list[str]) -> str:
     ``data-ood`` (one OOD set) or ``data-mean`` (``near``/``far``/``all``), so tests and scripts can
     read the numbers from the page.
     """
-    cols = g.columns()
-    metrics = ("auroc", "fpr95")
-    kinds = [(kind, [c for c in cols if c[1] == kind]) for kind in (*OOD_GROUPS, "avg")]
-    kinds = [(k, cs) for k, cs in kinds if cs]
-    head1 = ['<th rowspan="3" class="det-head">Detector<br><small>sorted by mean AUROC</small></th>']
-    head2, head3 = [], []
-    for m in metrics:
-        arrow = "lower is better" if m in LOWER_IS_BETTER else "higher is better"
-        head1.append(f'<th colspan="{len(cols)}" class="block">{_e(LABELS[m])} % <small>({arrow})</small></th>')
-        for i, (kind, cs) in enumerate(kinds):
-            block = ' class="block"' if i == 0 else ""
-            head2.append(f'<th colspan="{len(cs)}"{block}>{_e("mean" if kind == "avg" else kind)}</th>')
-        first = True
-        for kind, cs in kinds:
-            for lbl, _, _ in cs:
-                cls = ["block"] if first else []
-                cls += ["avg"] if kind == "avg" else []
-                first = False
-                attr = f' class="{" ".join(cls)}"' if cls else ""
-                head3.append(f"<th{attr}>{_e(_AVG_NAMES.get(lbl, lbl) if kind == 'avg' else lbl)}</th>")
+    kinds = _heat_columns(g)
     ordered = [c for _, cs in kinds for c in cs]
-    marks, scales = {}, {}
-    for m in metrics:
-        for lbl, _, sets in ordered:
-            vals = {d: g.value(d, sets, m) for d in g.detectors}
-            best = _best(vals, m)
-            agnostic = {d: v for d, v in vals.items() if not g.detectors[d]}
-            best_agn = _best(agnostic, m) if best and all(g.detectors[d] for d in best) else set()
-            marks[(m, lbl)] = (vals, best, best_agn)
-        scales[m] = _heat_scale((v for (mm, _), (vals, _, _) in marks.items() if mm == m for v in vals.values()), m)
+    marks = _heat_marks(g, ordered)
+    scales = {m: _heat_scale([v for c in ordered for v in marks[(m, c[0])][0].values()], m) for m in _HEAT_METRICS}
     body = []
     for det in ranked:
         tuned = g.detectors[det]
         cells = [f'<th class="det" scope="row"><a href="#{_e(_det_anchor(g, det))}">{_e(det)}</a>{_tuned(tuned)}</th>']
-        for m in metrics:
-            first = True
-            for lbl, kind, sets in ordered:
-                vals, best, best_agn = marks[(m, lbl)]
-                v = vals[det]
-                cls = ["num"] + (["block"] if first else []) + (["avg"] if kind == "avg" else [])
-                first = False
-                where = (f'data-mean="{_e(_AVG_NAMES[lbl])}"' if kind == "avg" else f'data-ood="{_e(sets[0])}"')
-                if v is None:
-                    cells.append(f'<td class="{" ".join(cls + ["na"])}" data-metric="{m}" {where}>n/a</td>')
-                    continue
-                cls += ["best"] if det in best else ["best-agnostic"] if det in best_agn else []
-                color = _heat_color(_heat_t(v, m, scales[m]))
-                what = f"{det} on {lbl}" if kind != "avg" else f"{det}, mean over {_AVG_NAMES[lbl]}"
-                cells.append(f'<td class="{" ".join(cls)}" style="background:{color}" data-metric="{m}" {where} '
-                             f'data-value="{v!r}" title="{_e(f"{what}: {LABELS[m]} {100 * v:.4f} %")}">{_pct(v)}</td>')
+        cells += [_heat_cell(det, m, c, j == 0, marks[(m, c[0])], scales[m])
+                  for m in _HEAT_METRICS for j, c in enumerate(ordered)]
         body.append(("<tr class=\"tuned-row\">" if tuned else "<tr>") + "".join(cells) + "</tr>")
     return (f'<div class="scroll"><table class="heatmap" data-model="{_e(g.model)}" data-id-dataset='
-            f'"{_e(g.id_dataset)}">\n<thead><tr>{"".join(head1)}</tr>\n<tr>{"".join(head2)}</tr>\n'
-            f'<tr>{"".join(head3)}</tr></thead>\n<tbody>\n' + "\n".join(body) + "\n</tbody></table></div>\n"
-            + _heat_legend(scales))
+            f'"{_e(g.id_dataset)}">\n<thead>{_heat_head(kinds)}</thead>\n<tbody>\n' + "\n".join(body)
+            + "\n</tbody></table></div>\n" + _heat_legend(scales))
 
 
 def _heat_legend(scales: Mapping[str, tuple[float, float]]) -> str:
@@ -553,9 +570,10 @@ def _detector_section(g: _Group, det: str, plot: tuple[str, tuple[int, int]] | N
     # The anchor sits inside the collapsed content: following a link to it makes the browser open the section.
     return (f'<details class="detector">\n<summary><span class="name">{_e(det)}'
             f'</span>{_tuned(g.detectors[det])} <span class="meta">mean AUROC {_pct(auroc)} &middot; mean FPR95 '
-            f'{_pct(fpr)}</span></summary>\n<span class="anchor" id="{_e(_det_anchor(g, det))}"></span><span class="links"><a href="#{_e(_grp_anchor(g))}">back to the '
-            f'overview</a> &middot; <a href="#top">top</a></span>\n{tuned}<div class="scroll"><table class="metrics">'
-            f"\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(body) + f"\n</tbody></table></div>\n{fig}\n</details>")
+            f'{_pct(fpr)}</span></summary>\n<span class="anchor" id="{_e(_det_anchor(g, det))}"></span>'
+            f'<span class="links"><a href="#{_e(_grp_anchor(g))}">back to the overview</a> &middot; '
+            f'<a href="#top">top</a></span>\n{tuned}<div class="scroll"><table class="metrics">\n'
+            f"<thead>{head}</thead>\n<tbody>\n" + "\n".join(body) + f"\n</tbody></table></div>\n{fig}\n</details>")
 
 
 def _legend(has_ci: bool, has_plots: bool) -> str:
