@@ -105,10 +105,10 @@ def test_temperature_scaling_prefers_id_val_and_needs_labels(tanh64):
     t_val = gradood.create("temperature-scaling").fit(fit, id_val=val).temperature_
     assert t_val == pytest.approx(gradood.create("temperature-scaling").fit(val).temperature_, rel=1e-12)
     assert t_val != pytest.approx(gradood.create("temperature-scaling").fit(fit).temperature_, rel=1e-6)
-    with pytest.raises(gradood.InputError, match="fits T on true labels"):
+    with pytest.raises(gradood.InputError, match="temperature-scaling fits class statistics on true labels"):
         gradood.create("temperature-scaling").fit(_sig(tanh64, 10, 3, labels=False))
     bad = gradood.Signals.from_arrays(logits=np.zeros((4, 3)), labels=[0, 1, 2, 3])
-    with pytest.raises(gradood.InputError, match=r"class indices in \[0, 2\]"):
+    with pytest.raises(gradood.InputError, match=r"labels up to 3, but the model has 3 classes"):
         gradood.create("temperature-scaling").fit(bad)
     with pytest.raises(gradood.ConfigError, match="must be above min_temperature"):
         gradood.create("temperature-scaling", min_temperature=2.0, max_temperature=1.0)
@@ -230,7 +230,7 @@ def test_dice_against_numpy(relu64, sparsity):
 
 
 def test_dice_sparsity_100_is_refused():
-    with pytest.raises(gradood.ConfigError, match="sparsity must be below 100"):
+    with pytest.raises(gradood.ConfigError, match="sparsity must be in"):
         gradood.create("dice", sparsity=100)
 
 

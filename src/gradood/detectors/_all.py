@@ -26,6 +26,8 @@ _MODULES = [
     "shaping",
     "feature_geometry",
     "density",
+    "gradient_family",
+    "openmax",
 ]
 
 

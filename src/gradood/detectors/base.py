@@ -255,7 +255,8 @@ def create(name: str, **hyperparameters: Any) -> Detector:
     """Create a detector by registry name with keyword hyperparameters (overriding the variant's defaults)."""
     _ensure_loaded()
     if name not in _REGISTRY:
-        close = [n for n in _REGISTRY if name.lower().replace("_", "-") in n or n in name.lower()]
+        # sorted: the suggestions must not depend on which detector module happened to be imported first
+        close = sorted(n for n in _REGISTRY if name.lower().replace("_", "-") in n or n in name.lower())
         hint = f" Did you mean {close}?" if close else ""
         raise ConfigError(f"unknown detector {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}.")
     cls, defaults = _REGISTRY[name]

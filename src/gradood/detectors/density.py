@@ -13,7 +13,8 @@ from ..errors import InputError
 from ..signals import FEATURES, Request, Signals
 from . import _papers
 from . import _papers
-from .base import Detector, check_choice, check_int, check_positive, register
+from . import _hyperparams as hp
+from .base import Detector, register
 from .mahalanobis import TiedGaussian, _labels
 
 
@@ -99,14 +100,18 @@ class GMM(Detector):
     signals = ("features",)
     fits_on_id = True
 
+    hyperparams = {"n_components": hp.integer(minimum=1, none=True), "covariance_type": hp.choice(*COVARIANCE_TYPES),
+                   "reduce_dim": hp.integer(minimum=1, none=True), "reg_covar": hp.non_negative(),
+                   "max_iter": hp.integer(minimum=1), "seed": hp.SEED}
+
     def __init__(self, n_components: int | None = None, covariance_type: str = "full", reduce_dim: int | None = 50,
                  reg_covar: float = 1e-6, max_iter: int = 100, seed: int = 0) -> None:
-        self.n_components = check_int(n_components, "n_components", minimum=1, allow_none=True)
-        self.covariance_type = check_choice(covariance_type, "covariance_type", COVARIANCE_TYPES)
-        self.reduce_dim = check_int(reduce_dim, "reduce_dim", minimum=1, allow_none=True)
-        self.reg_covar = check_positive(reg_covar, "reg_covar", allow_zero=True)
-        self.max_iter = check_int(max_iter, "max_iter", minimum=1)
-        self.seed = check_int(seed, "seed")
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.reduce_dim = reduce_dim
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.seed = seed
 
     def requests(self) -> list[Request]:
         return [FEATURES]

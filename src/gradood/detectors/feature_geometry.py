@@ -15,7 +15,9 @@ from ..errors import ConfigError, InputError
 from ..signals import FEATURES, LOGITS, Request, Signals
 from . import _papers
 from . import _papers
-from .base import Detector, check_int, check_number, check_positive, register
+from . import _hyperparams as hp
+from ._checks import class_labels
+from .base import Detector, register
 from .knn import normalize_rows
 from .vim import default_principal_dim
 
@@ -25,16 +27,6 @@ def _head(signals: Signals, d: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     if w.shape[1] != d:
         raise InputError(f"the head weight is {tuple(w.shape)} but features have {d} dims.")
     return w.double(), None if b is None else b.double()
-
-
-def _labels(signals: Signals, who: str) -> torch.Tensor:
-    y = signals.labels
-    if y is None:
-        raise InputError(
-            f"{who} fits on true labels, but {signals.name!r} has none: pass a loader yielding (x, y), a tuple "
-            "(inputs, labels), or Signals.from_arrays(..., labels=...)."
-        )
-    return y.long()
 
 
 @register("residual")
@@ -53,8 +45,10 @@ class Residual(Detector):
     signals = ("features",)
     fits_on_id = True
 
+    hyperparams = {"dim": hp.integer(minimum=1, none=True)}
+
     def __init__(self, dim: int | None = None) -> None:
-        self.dim = check_int(dim, "dim", minimum=1, allow_none=True)
+        self.dim = dim
 
     def requests(self) -> list[Request]:
         return [FEATURES]
@@ -128,8 +122,10 @@ class NCI(Detector):
     signals = ("logits", "features")
     fits_on_id = True
 
+    hyperparams = {"alpha": hp.non_negative()}
+
     def __init__(self, alpha: float = 0.0) -> None:
-        self.alpha = check_positive(alpha, "alpha", allow_zero=True)
+        self.alpha = alpha
 
     def requests(self) -> list[Request]:
         return [LOGITS, FEATURES]
@@ -163,10 +159,12 @@ class NNGuide(Detector):
     signals = ("logits", "features")
     fits_on_id = True
 
+    hyperparams = {"k": hp.integer(minimum=1), "fraction": hp.real(low=0, high=1, low_open=True), "seed": hp.SEED}
+
     def __init__(self, k: int = 10, fraction: float = 1.0, seed: int = 0) -> None:
-        self.k = check_int(k, "k", minimum=1)
-        self.fraction = check_number(fraction, "fraction", low=0, high=1, low_open=True)
-        self.seed = check_int(seed, "seed")
+        self.k = k
+        self.fraction = fraction
+        self.seed = seed
 
     def requests(self) -> list[Request]:
         return [LOGITS, FEATURES]
@@ -211,10 +209,8 @@ class SHE(Detector):
 
     def _fit(self, signals: Signals, **_: object) -> None:
         h, f = signals.features.double(), signals.logits
-        y = _labels(signals, "SHE")
         C = f.shape[1]
-        if int(y.min()) < 0 or int(y.max()) >= C:
-            raise InputError(f"labels must be class indices in [0, {C - 1}], got values in [{int(y.min())}, {int(y.max())}].")
+        y = class_labels(signals, "SHE", n_classes=C)
         correct = f.argmax(dim=1) == y
         patterns = torch.zeros(C, h.shape[1], dtype=torch.float64)
         fallback = []

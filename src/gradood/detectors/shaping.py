@@ -14,7 +14,8 @@ import torch
 from ..errors import ConfigError, InputError
 from ..signals import FEATURES, Request, Signals
 from . import _papers
-from .base import Detector, check_number, check_positive, register, register_variant
+from . import _hyperparams as hp
+from .base import Detector, register, register_variant
 
 ASH_MODES = ("p", "b", "s")
 
@@ -87,11 +88,11 @@ class ASH(Detector):
     citation = _papers.ASH
     signals = ("features",)
 
+    hyperparams = {"mode": hp.choice(*ASH_MODES), "percentile": hp.real(low=0, high=100)}
+
     def __init__(self, mode: str = "s", percentile: float = 90.0) -> None:
-        if mode not in ASH_MODES:
-            raise ConfigError(f"mode must be one of {list(ASH_MODES)}, got {mode!r}.")
         self.mode = mode
-        self.percentile = check_number(percentile, "percentile", low=0, high=100)
+        self.percentile = percentile
 
     def requests(self) -> list[Request]:
         return [FEATURES]
@@ -118,8 +119,10 @@ class SCALE(Detector):
     citation = _papers.SCALE
     signals = ("features",)
 
+    hyperparams = {"percentile": hp.real(low=0, high=100)}
+
     def __init__(self, percentile: float = 85.0) -> None:
-        self.percentile = check_number(percentile, "percentile", low=0, high=100)
+        self.percentile = percentile
 
     def requests(self) -> list[Request]:
         return [FEATURES]
@@ -149,10 +152,10 @@ class DICE(Detector):
     signals = ("features",)
     fits_on_id = True
 
+    hyperparams = {"sparsity": hp.real(low=0, high=100, high_open=True)}  # 100 would drop every weight
+
     def __init__(self, sparsity: float = 90.0) -> None:
-        self.sparsity = check_number(sparsity, "sparsity", low=0, high=100)
-        if self.sparsity >= 100:
-            raise ConfigError(f"sparsity must be below 100 (100 drops every weight), got {sparsity!r}.")
+        self.sparsity = sparsity
 
     def requests(self) -> list[Request]:
         return [FEATURES]
@@ -191,8 +194,10 @@ class BATS(Detector):
     signals = ("features",)
     fits_on_id = True
 
+    hyperparams = {"lam": hp.non_negative()}
+
     def __init__(self, lam: float = 1.0) -> None:
-        self.lam = check_positive(lam, "lam", allow_zero=True)
+        self.lam = lam
 
     def requests(self) -> list[Request]:
         return [FEATURES]

@@ -8,14 +8,15 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
 from ..signals import LOGITS, Signals
 from . import _papers
+from . import _hyperparams as hp
 from . import _papers
-from .base import Detector, check_int, check_number, check_positive, register
+from ._checks import class_labels
+from .base import Detector, register
 
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:
@@ -53,9 +54,11 @@ class GEN(Detector):
     paper = "Liu, Lochman & Zach, GEN: Pushing the Limits of Softmax-Based Out-of-Distribution Detection, CVPR 2023"
     citation = _papers.GEN
 
+    hyperparams = {"gamma": hp.positive(), "m": hp.integer(minimum=1)}
+
     def __init__(self, gamma: float = 0.1, m: int = 100) -> None:
-        self.gamma = check_positive(gamma, "gamma")
-        self.m = check_int(m, "m", minimum=1)
+        self.gamma = gamma
+        self.m = m
 
     def _score(self, signals: Signals) -> torch.Tensor:
         p = _probs(signals.logits)
@@ -102,26 +105,20 @@ class TemperatureScaling(Detector):
     citation = _papers.TEMPERATURE_SCALING
     fits_on_id = True
 
+    hyperparams = {"min_temperature": hp.positive(), "max_temperature": hp.positive()}
+
     def __init__(self, min_temperature: float = 1e-3, max_temperature: float = 1e3) -> None:
-        self.min_temperature = check_positive(min_temperature, "min_temperature")
-        self.max_temperature = check_positive(max_temperature, "max_temperature")
-        if self.max_temperature <= self.min_temperature:
+        self.min_temperature = min_temperature
+        self.max_temperature = max_temperature
+        if max_temperature <= min_temperature:
             raise ConfigError(f"max_temperature ({max_temperature!r}) must be above min_temperature "
                               f"({min_temperature!r}).")
 
     def _fit(self, signals: Signals, *, id_val: Signals | None = None, **_: object) -> None:
         data = id_val if id_val is not None else signals
-        y = data.labels
-        if y is None:
-            raise InputError(
-                f"temperature scaling fits T on true labels, but {data.name!r} has none: pass a loader yielding "
-                "(x, y), a tuple (inputs, labels), or Signals.from_arrays(..., labels=...)."
-            )
         f = data.logits
-        if int(y.min()) < 0 or int(y.max()) >= f.shape[1]:
-            raise InputError(f"labels must be class indices in [0, {f.shape[1] - 1}] for a {f.shape[1]}-class "
-                             f"model, got values in [{int(y.min())}, {int(y.max())}].")
-        self.temperature_ = fit_temperature(f, y, bounds=(self.min_temperature, self.max_temperature))
+        y = class_labels(data, "temperature-scaling", n_classes=f.shape[1])
+        self.temperature_ = fit_temperature(f, y, bounds=(float(self.min_temperature), float(self.max_temperature)))
 
     def _score(self, signals: Signals) -> torch.Tensor:
         return torch.softmax(signals.logits.double() / self.temperature_, dim=1).amax(dim=1)
@@ -142,16 +139,14 @@ class WeightedEnergy(Detector):
     paper = "Du, Wang, Cai & Li, VOS: Learning What You Don't Know by Virtual Outlier Synthesis, ICLR 2022"
     citation = _papers.VOS
 
+    hyperparams = {"weights": hp.reals(none=True)}
+
     def __init__(self, weights: Sequence[float] | None = None) -> None:
         if weights is not None:
-            try:
-                w = np.asarray(weights, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise ConfigError(f"weights must be a list of numbers (one per class), got {weights!r}.") from None
-            if w.ndim != 1 or w.size == 0 or not np.isfinite(w).all() or not (w > 0).any():
-                raise ConfigError("weights must be a non-empty list of finite numbers (one per class) with at "
-                                  f"least one positive entry, got {weights!r}.")
-            weights = tuple(float(v) for v in w)
+            weights = tuple(weights)
+            if not any(w > 0 for w in weights):
+                raise ConfigError(f"weights must have at least one positive entry (negative ones are clipped to 0, "
+                                  f"so every class would drop out), got {list(weights)!r}.")
         self.weights = weights
 
     def _score(self, signals: Signals) -> torch.Tensor:
