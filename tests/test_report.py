@@ -222,6 +222,19 @@ def test_best_agnostic_when_tuned_detector_wins(tmp_path):
     assert "OOD-tuned odin" in verdict
 
 
+def test_no_agnostic_detector_is_named_when_all_tune_on_ood(tmp_path):
+    rows = [row("odin", tuned=True, auroc=0.99), row("grodin", tuned=True, auroc=0.97)]
+    text = re.sub(r"\s+", " ", "".join(_parse(R.write_report(tmp_path, rows)).text))
+    assert "No OOD-agnostic detector has an AUROC on every OOD set here" in text
+    assert "m / d: no OOD-agnostic detector has results on every OOD set" in text
+
+
+def test_glance_names_each_models_choice(built):
+    out, index, results, _ = built
+    glance = index.read_text().split('<nav class="box glance">')[1].split("</nav>")[0]
+    assert glance.count("<li>") == 2 and glance.count(f"<strong>{html.escape(EVIL, quote=True)}</strong>") == 2
+
+
 def test_missing_scores_and_extra_ood_sets(tmp_path):
     results, scores = synthetic(n_models=1, detectors=("msp", "energy"))
     del scores[("resnet18-0", "cifar10", "energy")]
