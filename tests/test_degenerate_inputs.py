@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gradood
-from conftest import MLP, SmallCNN, make_inputs, make_labels, seeded
+from conftest import SmallCNN, make_inputs, make_labels, seeded
 from gradood.data import UNLABELLED
 from gradood.signals import Signals
 
