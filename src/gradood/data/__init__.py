@@ -19,6 +19,8 @@ from .arrays import UNLABELLED, ArrayDataset, NormalizedArrayDataset, open_set_s
 from .builtin import (load_animal_mnist, load_digits, load_fashion_mnist, load_foolbox_samples,
                       load_gaussian_noise, load_mnist, load_uniform_noise, read_idx)
 from .loaders import load_cifar10, load_cifar100, load_image_folder, load_svhn
+from .clinc150 import load_clinc150
+from .text import TextDataset
 from .registry import DatasetSpec, available, describe, load, register
 from .sources import (AptDeb, DataUnavailableError, DebMember, PipWheel, Resource, SystemFile, Url, WheelMember,
                       deb_resource, download_url, fetch, wheel_resource)
@@ -28,7 +30,7 @@ __all__ = [
     "available", "describe", "load", "register", "DatasetSpec",
     "load_mnist", "load_fashion_mnist", "load_animal_mnist", "load_digits", "load_uniform_noise",
     "load_gaussian_noise", "load_foolbox_samples", "load_cifar10", "load_cifar100", "load_svhn",
-    "load_image_folder", "read_idx",
+    "load_image_folder", "read_idx", "TextDataset", "load_clinc150",
     "Resource", "SystemFile", "PipWheel", "WheelMember", "AptDeb", "DebMember", "Url", "fetch", "download_url",
     "wheel_resource", "deb_resource", "DataUnavailableError", "UnsafePickleError", "safe_loads", "safe_load_file",
     "cache_dir", "sha256_file", "CACHE_ENV",

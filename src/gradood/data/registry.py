@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from . import builtin, loaders
+from . import builtin, clinc150, loaders
 from .arrays import ArrayDataset
 
 
@@ -92,6 +92,8 @@ def _register_builtins() -> None:
     for ds in builtin.FOOLBOX_SETS:
         register(DatasetSpec(f"foolbox_{ds}", ("all",), "all", _foolbox_loader(ds),
                              f"The 20 {ds} sample images shipped in foolbox 3.3.4 (smoke tests only)."))
+    register(DatasetSpec("clinc150", clinc150.SPLITS, "test", clinc150.load_clinc150,
+                         "CLINC150 intent queries, 150 intents + out-of-scope (shipped with gradood; CC BY 3.0)."))
     register(DatasetSpec("cifar10", ("train", "test"), "test", loaders.load_cifar10,
                          "CIFAR-10 python batches; root= the folder or cifar-10-python.tar.gz.", needs_root=True))
     register(DatasetSpec("cifar100", ("train", "test"), "test", loaders.load_cifar100,

