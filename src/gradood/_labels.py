@@ -44,4 +44,4 @@ def as_label_tensor(labels: Any, what: str = "labels") -> torch.Tensor:
                 f"{t[bad].flatten()[:3].tolist()}: converting them would truncate them to other classes. "
                 "Pass the integer labels."
             )
-    return t.long().flatten()
+    return t.to(torch.int64, copy=True).flatten()  # a copy: the caller's array may change later

@@ -96,6 +96,18 @@ def _warn_if_rank_deficient(cov: torch.Tensor, f: torch.Tensor, who: str, data: 
     )
 
 
+def _check_layer_width(layer: str, activation: torch.Tensor, gauss: TiedGaussian) -> None:
+    """Gaussians fitted on one model's layer cannot score another model's layer of another width (it would fail
+    inside torch with "size mismatch")."""
+    width = spatial_mean(activation).shape[1]
+    if width != gauss.means.shape[1]:
+        raise InputError(
+            f"the Mahalanobis ensemble was fitted on a model whose layer {layer!r} has {gauss.means.shape[1]} "
+            f"channels, but the model these signals come from gives {width}: score with the model it was fitted on, "
+            "or refit on this model's ID data."
+        )
+
+
 def _labels(signals: Signals, who: str = "Mahalanobis") -> torch.Tensor:
     """The checked true labels of ``signals`` (see :func:`~gradood.detectors._checks.class_labels`)."""
     return class_labels(signals, who)
@@ -194,6 +206,7 @@ class MahalanobisScores(Request):
             taps = probe.forward(x, self.layers, validate=False).taps
         cols = []
         for layer, gauss in zip(self.layers, self.gaussians):
+            _check_layer_width(layer, taps[layer], gauss)
             if self.eps == 0:
                 f = spatial_mean(taps[layer])
             else:
