@@ -28,6 +28,7 @@ _MODULES = [
     "density",
     "gradient_family",
     "openmax",
+    "gram",
 ]
 
 

@@ -1,0 +1,143 @@
+"""Gram matrices (Sastry & Oore, ICML 2020): deviations of higher-order feature correlations from their ID range.
+Higher = more in-distribution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..signals import LOGITS, ProbeBatch, Request, Signals, Tap
+from . import _hyperparams as hp
+from ._papers import Citation
+from .base import Detector, register
+
+
+def gram_row_sums(a: torch.Tensor, p: int) -> torch.Tensor:
+    """The official per-layer feature of order p: ``G = (A^p)(A^p)^T`` over positions (``A``: channels x
+    positions, element-wise power), summed over its rows and mapped back by ``sign(g) |g|^(1/p)``: ``B x C``."""
+    t = a.double().reshape(a.shape[0], a.shape[1], -1).pow(p)
+    g = torch.bmm(t, t.transpose(1, 2)).sum(dim=2)
+    return g.sign() * g.abs().pow(1.0 / p)
+
+
+@dataclass(frozen=True)
+class GramFeatures(Request):
+    """Every layer's Gram row sums for orders ``1..max_power``, concatenated (layer-major, then order, then
+    channel): ``B x sum_l (max_power * C_l)``, from the taps of the shared forward pass."""
+
+    layers: tuple[str, ...]
+    max_power: int
+
+    @property
+    def taps(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.layers
+
+    @property
+    def key(self) -> str:
+        return f"gram:{','.join(self.layers)}:p<={self.max_power}"
+
+    def compute(self, batch: ProbeBatch) -> torch.Tensor:
+        cols = []
+        for layer in self.layers:
+            a = batch.taps[layer]
+            a = a if a.ndim > 2 else a[:, :, None]
+            cols += [gram_row_sums(a, p) for p in range(1, self.max_power + 1)]
+        return torch.cat(cols, dim=1)
+
+
+def _deviation(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Official deviation of values ``g`` from ``[lo, hi]`` relative to the bounds (``|bound + 1e-6|``)."""
+    return (torch.relu(lo - g) / (lo + 1e-6).abs() + torch.relu(g - hi) / (hi + 1e-6).abs())
+
+
+@register("gram")
+class Gram(Detector):
+    """Gram matrices (Sastry & Oore, "Detecting Out-of-Distribution Examples with Gram Matrices", ICML 2020,
+    https://arxiv.org/abs/1912.12510; the official code's row-sum form).
+
+    Per tapped layer l and order p = 1..``max_power``: ``g_lp = sign(s) |s|^(1/p)`` with ``s`` the row sums of
+    ``(A^p)(A^p)^T`` (A = the layer's channels x positions). Fit: the ID fit data is split (seeded) into a part
+    that sets, per PREDICTED class, the min and max of every ``g_lp`` entry, and a held-out part (``val_split``)
+    on which each layer's mean total deviation ``E_l`` is measured. Deviation of a value from its class range:
+    ``relu(min - g)/|min + 1e-6| + relu(g - max)/|max + 1e-6|``, summed over orders and channels per layer.
+    Score ``-sum_l dev_l(x) / E_l`` (the class is the predicted one); higher = more ID. (A layer on which no
+    held-out ID sample deviates has ``E_l = 0`` and is not normalised.) Inputs: logits and layer taps.
+    Fitted state: ``layers_``, ``mins_``/``maxs_`` (C x K), ``norms_`` (one per layer).
+    Hyperparameters: ``layers`` (None = the probe's default activation layers), ``max_power`` (10, the paper's),
+    ``val_split`` (0.2), ``seed`` (0). A class that no fit sample is predicted as uses the range of all
+    fit samples.
+    """
+
+    paper = "Sastry & Oore, Detecting Out-of-Distribution Examples with Gram Matrices, ICML 2020"
+    citation = Citation(("Sastry", "Oore"), "Detecting Out-of-Distribution Examples with Gram Matrices", "ICML", 2020,
+                        "https://arxiv.org/abs/1912.12510")
+    signals = ("logits", "taps")
+    fits_on_id = True
+
+    hyperparams = {"layers": hp.names(none=True), "max_power": hp.integer(minimum=1), "seed": hp.SEED,
+                   "val_split": hp.real(low=0, high=1, low_open=True, high_open=True)}
+
+    def __init__(self, layers: Sequence[str] | None = None, max_power: int = 10, val_split: float = 0.2,
+                 seed: int = 0) -> None:
+        self.layers = None if layers is None else tuple(layers)
+        self.max_power = max_power
+        self.val_split = val_split
+        self.seed = seed
+
+    def _resolve_layers(self, signals: Signals) -> tuple[str, ...]:
+        if self.layers is not None:
+            return self.layers
+        if signals.probe is None:
+            raise InputError("gram reads layer activations: build the signals with probe.signals(data), or pass "
+                             "layers= naming taps given to Signals.from_arrays.")
+        signals.warm_up()
+        return tuple(signals.probe.default_layers())
+
+    def _request(self) -> GramFeatures:
+        return GramFeatures(self.layers_, int(self.max_power))
+
+    def fit_requests(self) -> list[Request]:
+        return [LOGITS]
+
+    def requests(self) -> list[Request]:
+        return [LOGITS, self._request()]
+
+    def _fit(self, signals: Signals, **_: object) -> None:
+        self.layers_ = self._resolve_layers(signals)
+        channels = [Tap(layer, "mean") for layer in self.layers_]
+        signals.require([self._request(), *channels])  # one pass over the fit data
+        G = signals.get(self._request()).double()
+        self.sizes_ = tuple(int(self.max_power) * int(signals.get(t).shape[1]) for t in channels)
+        pred = signals.logits.argmax(dim=1)
+        N, C = len(G), signals.logits.shape[1]
+        n_val = int(round(float(self.val_split) * N))
+        if n_val < 1 or N - n_val < 1:
+            raise InputError(f"gram needs ID fit samples for both the class ranges and the held-out normalisation: "
+                             f"{N} samples with val_split={self.val_split} leave {N - n_val} and {n_val}. Fit on more "
+                             "data or change val_split.")
+        perm = torch.from_numpy(np.random.default_rng(int(self.seed)).permutation(N))
+        val, train = perm[:n_val], perm[n_val:]
+        Gt, pt = G[train], pred[train]
+        lo_all, hi_all = Gt.amin(dim=0), Gt.amax(dim=0)
+        self.mins_ = lo_all.repeat(C, 1)
+        self.maxs_ = hi_all.repeat(C, 1)
+        for c in range(C):
+            sel = pt == c
+            if bool(sel.any()):
+                self.mins_[c], self.maxs_[c] = Gt[sel].amin(dim=0), Gt[sel].amax(dim=0)
+        dev = self._layer_deviations(G[val], pred[val])
+        mean = dev.mean(dim=0)
+        self.norms_ = torch.where(mean > 0, mean, torch.ones_like(mean))
+
+    def _layer_deviations(self, G: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        d = _deviation(G, self.mins_[pred], self.maxs_[pred])
+        return torch.stack([blk.sum(dim=1) for blk in torch.split(d, list(self.sizes_), dim=1)], dim=1)
+
+    def _score(self, signals: Signals) -> torch.Tensor:
+        G = signals.get(self._request()).double()
+        dev = self._layer_deviations(G, signals.logits.argmax(dim=1))
+        return -(dev / self.norms_).sum(dim=1)
