@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache", default=None, help="signal cache folder (default: <out>/cache)")
     b.add_argument("--detectors", default=None, help="comma-separated subset of detectors (see gradood list detectors)")
     b.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    b.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="extract signals on a Ray cluster (pip install 'gradood[ray]'): no ADDRESS starts a local "
+                        "one, 'auto' or ray://host:port joins a running cluster (docs/distributed.md)")
+    b.add_argument("--ray-workers", type=int, default=2, metavar="N",
+                   help="actors in the extraction pool, each holding the model (default 2)")
+    b.add_argument("--ray-gpus", type=float, default=0, metavar="G", help="GPUs per actor (default 0: CPU)")
     b.add_argument("--example-spec", action="store_true",
                    help="print a commented spec that uses every key, and exit")
     b.add_argument("--spec-reference", action="store_true",

@@ -97,12 +97,12 @@ class SignalActor:
         return xs, ys, np.arange(lo, hi)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .stream.shards import compute_batch
+        from .signals import compute_requests
 
         cols: dict[str, list[np.ndarray]] = {"index": [], "labels": []}
         for b in batch["data"].tolist():
             x, y, index = self._batch(int(b))
-            values = compute_batch(self.probe, x, y, self.requests, int(b), self.taps)
+            values = compute_requests(self.probe, x, y, self.requests, int(b), self.taps)
             cols["index"].append(index)
             cols["labels"].append(np.full(len(index), -2) if y is None else y.long().numpy())
             for i, r in enumerate(self.requests):
@@ -196,7 +196,7 @@ def extract(probe: Any, data: Any, requests: Sequence[Request], *, workers: int 
 
 
 def extract_to_shards(probe: Any, data: Any, requests: Sequence[Request], folder: str | Path, *, workers: int = 2,
-                      gpus_per_worker: float = 0, batch_size: int = 256, shard_rows: int = 65536,
+                      gpus_per_worker: float = 0, batch_size: int = 256, shard_rows: int = 16384,
                       name: str | None = None):
     """:func:`gradood.stream.extract_to_shards` with the forward passes on a Ray actor pool; the driver writes
     the shards in order as the batches stream back, so its memory is one shard."""

@@ -171,6 +171,24 @@ def _callable_id(f: Any) -> str | None:
         return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__name__)}"
 
 
+def compute_requests(probe: "Probe", x: Any, y: Any, requests: Sequence[Request], index: int,
+                     taps: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Every request's rows for one batch (on the CPU) from one shared forward pass. The pass keeps its graph
+    when a request perturbs the inputs and shares it (:mod:`gradood._passes`). Used by :class:`Signals`, the
+    shard writer (:mod:`gradood.stream`) and the Ray actors (:mod:`gradood.distributed`) alike."""
+    share = _passes.any_shares_input_grad(requests)
+    out = probe.forward(_passes.grad_leaf(probe, x, index) if share else x, taps, batch_index=index, grad=share)
+    batch = ProbeBatch(x=out.x, y=y, logits=out.logits, features=out.features, taps=out.taps, probe=probe,
+                       index=index)
+    values = {}
+    for r in requests:
+        v = r.compute(_passes.batch_for(r, batch, share))
+        if v.shape[0] != out.logits.shape[0]:
+            raise RuntimeError(f"request {r.key} returned {v.shape[0]} rows for a batch of {out.logits.shape[0]}")
+        values[r.key] = v.detach().to("cpu")
+    return values
+
+
 class Signals:
     """The signals of one dataset under one model.
 
@@ -397,7 +415,6 @@ class Signals:
             self._remove_partial(partial)
         start, prefixes = self._resume(partial, chunks, label_chunks) if partial is not None else (0, {})
         has_labels: bool | None = None if not label_chunks else True
-        share = _passes.any_shares_input_grad(requests)  # perturbations reuse this pass's graph (_passes)
         since_save = start
         bar = tqdm(total=self.source.num_batches, initial=start, desc=f"signals {self.name}", unit="batch",
                    disable=None if self.progress else True, leave=False, dynamic_ncols=True)
@@ -412,16 +429,8 @@ class Signals:
                                 f"the interrupted extraction in {partial} was computed from other data (batches "
                                 f"before {b + 1} hash differently): discarded it; recomputing from the start.")
                         continue
-                out = self.probe.forward(_passes.grad_leaf(self.probe, x, b) if share else x, taps, batch_index=b,
-                                         grad=share)
-                batch = ProbeBatch(x=out.x, y=y, logits=out.logits,
-                                   features=out.features, taps=out.taps, probe=self.probe, index=b)
-                for r in requests:
-                    v = r.compute(_passes.batch_for(r, batch, share))
-                    if v.shape[0] != out.logits.shape[0]:
-                        raise RuntimeError(f"request {r.key} returned {v.shape[0]} rows for a batch of "
-                                           f"{out.logits.shape[0]}")
-                    chunks[r.key].append(v.detach().to("cpu"))
+                for k, v in compute_requests(self.probe, x, y, requests, b, taps).items():
+                    chunks[k].append(v)
                 if has_labels is None:
                     has_labels = y is not None
                 if y is not None and has_labels:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import cache as _cache
 from ..errors import InputError
-from ..signals import ProbeBatch, Request, Signals
+from ..signals import Request, Signals, compute_requests
 
 MANIFEST = "manifest.json"
 HEAD = "head.npz"
@@ -163,21 +163,6 @@ class ShardWriter:
         _cache.write_verified(self.folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
-def compute_batch(probe: Any, x: Any, y: Any, requests: Sequence[Request], index: int,
-                  taps: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Every request's rows for one batch from one shared forward pass (as :class:`Signals` computes them)."""
-    out = probe.forward(x, taps, batch_index=index)
-    batch = ProbeBatch(x=out.x, y=y, logits=out.logits, features=out.features, taps=out.taps, probe=probe,
-                       index=index)
-    values = {}
-    for r in requests:
-        v = r.compute(batch).detach()
-        if v.shape[0] != out.logits.shape[0]:
-            raise RuntimeError(f"request {r.key} returned {v.shape[0]} rows for a batch of {out.logits.shape[0]}")
-        values[r.key] = v.to("cpu")
-    return values
-
-
 def extraction_key(probe: Any, requests: Sequence[Request]) -> dict[str, Any]:
     """What the shards depend on besides the data: the requests, their code, the model and the probe."""
     from ..signals import _plain
@@ -213,7 +198,7 @@ def _resumable(folder: Path, key: dict[str, Any]) -> list[ShardInfo]:
 
 
 def extract_to_shards(probe: Any, data: Any, requests: Sequence[Request], folder: str | Path, *,
-                      shard_rows: int = 65536, batch_size: int = 256, name: str | None = None,
+                      shard_rows: int = 16384, batch_size: int = 256, name: str | None = None,
                       progress: bool = True) -> ShardedSignals:
     """Run ``probe``'s model over ``data`` once and write every request's signal to shards in ``folder``.
 
@@ -250,7 +235,7 @@ def extract_to_shards(probe: Any, data: Any, requests: Sequence[Request], folder
                                   _cache.CacheWarning, stacklevel=2)
                     return extract_to_shards_fresh(probe, source, requests, folder, shard_rows, name, progress)
                 continue
-            values = compute_batch(probe, x, y, requests, b, taps)
+            values = compute_requests(probe, x, y, requests, b, taps)
             labels = None if y is None else y.detach().cpu().long().flatten().numpy()
             writer.append({k: v.numpy() for k, v in values.items()}, labels, b + 1, hasher.digest())
             bar.update(1)
