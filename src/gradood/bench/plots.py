@@ -72,10 +72,6 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
-def _id_for(scores_id: np.ndarray | Mapping[str, np.ndarray], name: str) -> np.ndarray:
-    return scores_id[name] if isinstance(scores_id, Mapping) else scores_id
-
-
 def _as_1d(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).ravel()
 

@@ -45,6 +45,7 @@ import math
 import os
 import re
 import secrets
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -598,11 +599,14 @@ def _legend(has_ci: bool, has_plots: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------ plots
+@dataclass
 class _Scores:
-    """One detector's validated score arrays: ID scores per OOD set (shared or per set) and OOD scores."""
+    """One detector's validated score arrays: ID scores per OOD set (one array shared by all, or one per
+    set for an OOD-tuned detector) and the OOD scores."""
 
-    def __init__(self, ids: dict[str, np.ndarray], oods: dict[str, np.ndarray], shared_id: bool) -> None:
-        self.ids, self.oods, self.shared_id = ids, oods, shared_id
+    ids: dict[str, np.ndarray]
+    oods: dict[str, np.ndarray]
+    shared_id: bool
 
 
 def _plot_scores(groups: list[_Group], scores: Mapping | None) -> dict[tuple[str, str, str], _Scores]:
