@@ -4,7 +4,7 @@ The cache's key covers every input batch's bytes (gradood.cache.DataHasher, sha2
 This script prints, side by side for a few models (CPU, batch 128, ``--samples`` samples each):
 
 * ``extract``: ``probe.signals(x).require([LOGITS, FEATURES])`` without a cache (one validated forward pass);
-* ``hash``: sha256 of the same batches (what a cached extraction adds on its pass, and what a warm read costs
+* ``hash``: the data hash of the same batches (gradood.cache.DataHasher: XXH3-128 with ``xxhash``, else sha256) (what a cached extraction adds on its pass, and what a warm read costs
   on top of loading the arrays);
 * ``hash / extract``: the ratio the design targets at <= 3 %;
 * ``cold cache / no cache``: the whole extraction into an empty ``cache_dir`` (hashing, model and code
@@ -13,7 +13,8 @@ This script prints, side by side for a few models (CPU, batch 128, ``--samples``
   as a fraction of the extraction.
 
 Methods are interleaved in every repeat and medians reported, so background load hits them alike.
-Usage: ``python benchmarks/bench_cache_hash.py [--samples 2048] [--repeats 7]``
+ResNet-18 runs on ``--samples / 8`` samples (its extraction is long; the ratio does not depend on the count).
+Usage: ``python benchmarks/bench_cache_hash.py [--samples 2048] [--repeats 7] [--sha256]``
 """
 
 from __future__ import annotations
@@ -70,17 +71,28 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sha256", action="store_true", help="hash with sha256 (as without the xxhash package)")
     args = ap.parse_args()
+    if args.sha256:
+        import hashlib
+
+        from gradood import cache
+
+        cache.new_hash = hashlib.sha256  # type: ignore[assignment]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"{args.samples} samples, batch {args.batch}, {args.threads} thread(s), median of {args.repeats}")
+    from gradood.cache import new_hash
+
+    print(f"{args.samples} samples, batch {args.batch}, {args.threads} thread(s), median of {args.repeats}, "
+          f"data hash {new_hash(b'').name}")
     print(f"{'model':<14}{'extract':>10}{'hash':>10}{'hash/extract':>14}{'cold cache/no cache':>21}{'warm read':>11}")
     for name, build in [("linear", linear_mnist), ("lenet", lenet), ("small-cnn", small_cnn),
                         ("resnet18", resnet18)]:
         model, shape = build()
         model.eval()
-        x = torch.randn(args.samples, *shape)
-        y = torch.randint(0, 10, (args.samples,))
+        n = args.samples // 8 if name == "resnet18" else args.samples
+        x = torch.randn(n, *shape)
+        y = torch.randint(0, 10, (n,))
         probe = gradood.Probe(model)
         probe.signals((x[:8], y[:8]), batch_size=8, progress=False).require([LOGITS])  # head found, warm
 

@@ -64,7 +64,7 @@ def test_same_length_other_data_is_computed_not_served_from_the_cache(tmp_path):
     with pytest.warns(cache.CacheWarning, match=r"'logits' of 'data': .* holds it only for other data; computing"):
         second = _signals(model, x2, y, tmp_path)
         logits = second.logits
-    torch.testing.assert_close(logits, _fresh(model, x2, y, [LOGITS]).logits, rtol=0, atol=0)
+        torch.testing.assert_close(logits, _fresh(model, x2, y, [LOGITS]).logits, rtol=0, atol=0)
     assert not torch.equal(logits, first.logits)
     # both entries stay; each data set is served its own from now on, without running the model
     counter = Counter(model)
@@ -91,7 +91,8 @@ def test_signals_built_before_the_cache_was_written_are_still_checked(tmp_path):
     a.require([LOGITS])
     with pytest.warns(cache.CacheWarning, match="other data"):
         assert b.logits.shape == (N // 2, 5)
-    torch.testing.assert_close(b.logits, _fresh(model, x2, make_labels(N // 2, 5), [LOGITS]).logits, rtol=0, atol=0)
+        torch.testing.assert_close(b.logits, _fresh(model, x2, make_labels(N // 2, 5), [LOGITS]).logits,
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:the model's output differs")
@@ -118,10 +119,10 @@ def test_another_model_is_computed_not_served_from_the_cache(tmp_path, change):
     with pytest.warns(cache.CacheWarning, match="another model" if change != "head" else "other probe settings"):
         s = gradood.Probe(other, head=head).signals((x, y), batch_size=B, cache_dir=tmp_path, progress=False)
         s.require([LOGITS, FEATURES])
-    assert counter.calls > 0
-    want = gradood.Probe(other, head=head).signals((x, y), batch_size=B, progress=False)
-    torch.testing.assert_close(s.logits, want.logits, rtol=0, atol=0)
-    torch.testing.assert_close(s.features, want.features, rtol=0, atol=0)
+        want = gradood.Probe(other, head=head).signals((x, y), batch_size=B, progress=False)
+        torch.testing.assert_close(s.logits, want.logits, rtol=0, atol=0)
+        torch.testing.assert_close(s.features, want.features, rtol=0, atol=0)
+        assert counter.calls > 0
 
 
 class Subclass(MLP):
@@ -215,7 +216,7 @@ def test_edited_perturbation_code_recomputes_the_signal(tmp_path, monkeypatch):
     with pytest.warns(cache.CacheWarning, match=r"'odin:.*holds it only for other gradood code; computing it"):
         s = _signals(model, x, y, tmp_path)
         s.require([LOGITS, ODIN])
-    assert counter.calls > 0, "the ODIN signal of the old code must not be reused"
+        assert counter.calls > 0, "the ODIN signal of the old code must not be reused"
     assert len(_cached_files(tmp_path, "odin")) == 2
     assert len(_cached_files(tmp_path, "logits")) == 1, "the forward-pass signals do not depend on odin.py"
 
@@ -251,10 +252,10 @@ def test_a_damaged_cached_array_is_named_discarded_and_recomputed(tmp_path, kind
         s = _signals(model, x, y, tmp_path)
         s.require(requests)
         labels = s.labels
-    want = _fresh(model, x, y, requests)
-    for r in requests:
-        torch.testing.assert_close(s.get(r), want.get(r), rtol=0, atol=0)
-    assert torch.equal(labels, y)
+        want = _fresh(model, x, y, requests)
+        for r in requests:
+            torch.testing.assert_close(s.get(r), want.get(r), rtol=0, atol=0)
+        assert torch.equal(labels, y)
     # the recomputed file is whole again: the next reader is served without a word
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -287,9 +288,9 @@ def test_a_damaged_partial_shard_is_discarded_and_the_pass_recomputed(tmp_path, 
     with pytest.warns(cache.CacheWarning, match=rf"{re.escape(shards[0].name)} {message}"):
         s = _signals(model, x, y, tmp_path, checkpoint_every=2)
         s.require([LOGITS, FEATURES])
-    want = _fresh(model, x, y, [LOGITS, FEATURES])
-    torch.testing.assert_close(s.logits, want.logits, rtol=0, atol=0)
-    torch.testing.assert_close(s.features, want.features, rtol=0, atol=0)
+        want = _fresh(model, x, y, [LOGITS, FEATURES])
+        torch.testing.assert_close(s.logits, want.logits, rtol=0, atol=0)
+        torch.testing.assert_close(s.features, want.features, rtol=0, atol=0)
     assert not list(tmp_path.glob("partial-*"))
 
 
@@ -316,7 +317,7 @@ def test_partial_shards_of_other_data_are_not_resumed(tmp_path):
     with pytest.warns(cache.CacheWarning, match=r"interrupted extraction .* was computed from other data"):
         s = _signals(model, x2, y, tmp_path, checkpoint_every=2)
         logits = s.logits
-    torch.testing.assert_close(logits, _fresh(model, x2, y, [LOGITS]).logits, rtol=0, atol=0)
+        torch.testing.assert_close(logits, _fresh(model, x2, y, [LOGITS]).logits, rtol=0, atol=0)
 
 
 def test_verified_files_roundtrip_and_npz_bytes_are_deterministic(tmp_path):
