@@ -29,6 +29,8 @@ _MODULES = [
     "gradient_family",
     "openmax",
     "gram",
+    "gradient_uncertainty",
+    "gaia",
 ]
 
 
