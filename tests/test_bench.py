@@ -188,7 +188,9 @@ def test_changed_code_or_weights_never_reuse_cached_signals_or_results(finished_
 
         monkeypatch.setattr(runner, "load_model", retrained)
     calls = count_forward_passes(monkeypatch)
-    assert run_cli("bench", str(spec), "--out", str(copy), "--quiet", "--no-report", "--detectors", "msp") == 0
+    said = "other gradood code" if changed == "code" else "another model"
+    with pytest.warns(gradood.cache.CacheWarning, match=f"'logits' of .* holds it only for {said}"):
+        assert run_cli("bench", str(spec), "--out", str(copy), "--quiet", "--no-report", "--detectors", "msp") == 0
     assert calls["n"] > 0, f"changed {changed}: the cached signals of the old {changed} must not be reused"
     assert len(list((copy / "runs").iterdir())) == 2, "the old results stay, in their own folder"
 

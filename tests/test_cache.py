@@ -331,3 +331,18 @@ def test_verified_files_roundtrip_and_npz_bytes_are_deterministic(tmp_path):
     meta = json.loads(cache.sidecar(path).read_text())
     assert meta["size"] == path.stat().st_size and len(meta["sha256"]) == 64
     assert cache.load_npz(tmp_path / "absent.npz") is None
+
+
+@pytest.mark.filterwarnings("ignore:.*holds it only for other data")
+def test_a_loader_whose_batches_change_between_passes_is_not_cached(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = seeded(MLP, 0)
+    x, y = make_inputs(N, 6, seed=1), make_labels(N, 5, seed=1)
+    _signals(model, x, y, tmp_path).require([LOGITS])  # an entry the shuffled data could match: hashed up front
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=B, shuffle=True)
+    s = gradood.Probe(model).signals(shuffled, cache_dir=tmp_path, progress=False)
+    with pytest.warns(cache.CacheWarning, match=r"changed between two passes .*not cached"):
+        logits, labels = s.logits, s.labels
+    assert logits.shape == (N, 5) and sorted(labels.tolist()) == sorted(y.tolist())
+    assert len(_cached_files(tmp_path, "logits")) == 1, "nothing stored for data that is never the same twice"

@@ -165,6 +165,7 @@ def test_edited_perturbation_code_is_recomputed_on_a_rerun_into_the_same_folder(
         assert after[o] == pytest.approx(1.0 - before[o], abs=1e-12), (o, before[o], after[o])
 
 
+@pytest.mark.slow
 def test_signal_folder_is_per_model_and_holds_no_unkeyed_file(first_run):
     _, a = first_run
     cached = [p for p in (a / "cache").rglob("*") if p.is_file()]

@@ -555,7 +555,7 @@ class Signals:
             _cache.write_verified(self._entry(keys[r.key], data), _cache.array_bytes(self._tensors[r.key]), key,
                                   note={"name": self.name, "shape": list(self._tensors[r.key].shape)})
         labels = self._labels_entry(data)
-        if not labels.exists():
+        if _cache.read_verified(labels) is None:  # absent, or damaged (then named and deleted)
             raw = b"none" if self._labels is None else _cache.array_bytes(self._labels)
             _cache.write_verified(labels, raw, {"data": data})
 
