@@ -7,13 +7,14 @@ buffers. A loaded detector refuses signals from a model that breaks it, naming t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import GradoodError, InputError
 from ..signals import FEATURES, Signals, Tap
 
 if TYPE_CHECKING:
@@ -68,7 +69,8 @@ def model_contract(detector: "Detector", signals: Signals) -> dict[str, Any]:
     if probe is not None:
         contract["head"] = probe.head_name
         if probe.head_name is not None and contract["feature_dim"] is None:
-            contract["feature_dim"] = int(probe.weight.shape[1])
+            with contextlib.suppress(GradoodError, AttributeError):  # a head without a readable weight
+                contract["feature_dim"] = int(probe.weight.shape[1])
         if isinstance(probe.input_shape, tuple):
             contract["input_shape"] = list(probe.input_shape)
         contract["input_mean"], contract["input_std"] = _plain(probe.input_mean), _plain(probe.input_std)

@@ -11,6 +11,7 @@ add one forward at the perturbed input (their input gradient comes from the firs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -30,6 +31,17 @@ class GuardOutput:
     scores: torch.Tensor
     accepted: torch.Tensor
     p_values: torch.Tensor | None = None
+
+
+def _rows(x: Any) -> int:
+    """Samples in a batch: a tensor's first dimension, or that of a dict's (tokenizer output's) entries."""
+    from .._batches import num_rows
+
+    try:
+        return max(1, num_rows(dict(x) if isinstance(x, Mapping) else x))
+    except (AttributeError, TypeError, StopIteration, IndexError):
+        raise InputError(f"Guard takes one batch: a tensor/array of inputs or a dict of tensors (a tokenizer's "
+                         f"output), got {type(x).__name__}; for a DataLoader use guard.stream(loader).") from None
 
 
 class Guard(nn.Module):
@@ -86,8 +98,7 @@ class Guard(nn.Module):
         if isinstance(x, torch.Tensor) and self._input_shape is not None and tuple(x.shape[1:]) != self._input_shape:
             raise InputError(f"inputs have per-sample shape {tuple(x.shape[1:])}, but the detector was fitted on "
                              f"{self._input_shape}: resize them as the model was fed when the detector was fitted.")
-        n = x.shape[0] if isinstance(x, torch.Tensor) else None
-        signals = self.probe.signals(x, batch_size=max(1, n or 1), name="guard", progress=False)
+        signals = self.probe.signals(x, batch_size=_rows(x), name="guard", progress=False)  # one batch
         # every signal the detector reads, and the logits, in one pass over this batch
         signals.require([*self.detector.requests(), LOGITS])
         scores = self.detector.score(signals)
