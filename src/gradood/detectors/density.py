@@ -119,6 +119,7 @@ class GMM(Detector):
     def _fit(self, signals: Signals, **_: object) -> None:
         from sklearn.decomposition import PCA
         from sklearn.mixture import GaussianMixture
+        from threadpoolctl import threadpool_limits
 
         h = signals.features.double().numpy()
         self.pca_mean_ = self.pca_components_ = None
@@ -126,7 +127,9 @@ class GMM(Detector):
             if self.reduce_dim > len(h):
                 raise InputError(f"gmm reduce_dim={self.reduce_dim} exceeds the {len(h)} ID fit samples: lower "
                                  "reduce_dim or fit on more data.")
-            pca = PCA(n_components=self.reduce_dim, svd_solver="full").fit(h)
+            # eigh of the D x D covariance: N >> D here, and a full SVD of the N x D matrix is 10x slower
+            with threadpool_limits(limits=1):
+                pca = PCA(n_components=self.reduce_dim, svd_solver="covariance_eigh").fit(h)
             self.pca_mean_ = torch.from_numpy(pca.mean_).double()
             self.pca_components_ = torch.from_numpy(pca.components_).double()
             h = pca.transform(h)
@@ -137,7 +140,11 @@ class GMM(Detector):
             raise InputError(f"gmm n_components={m} exceeds the {len(h)} ID fit samples: lower n_components or fit "
                              "on more data.")
         gm = GaussianMixture(n_components=m, covariance_type=self.covariance_type, reg_covar=self.reg_covar,
-                             max_iter=self.max_iter, random_state=self.seed).fit(h)
+                             max_iter=self.max_iter, random_state=self.seed)
+        # EM on (N x d<=50) runs many tiny BLAS / OpenMP calls: more threads only add contention (12x slower on a
+        # 2-core machine), so one thread (threadpoolctl ships with scikit-learn)
+        with threadpool_limits(limits=1):
+            gm.fit(h)
         self.weights_ = torch.from_numpy(gm.weights_).double()
         self.means_ = torch.from_numpy(gm.means_).double()
         self.precisions_cholesky_ = torch.from_numpy(np.asarray(gm.precisions_cholesky_)).double()
