@@ -81,7 +81,8 @@ class ASH(Detector):
     the re-applied head; higher = more ID. Inputs: penultimate features and the head's weight/bias. Fits
     nothing. Hyperparameters: ``mode`` "p", "b" or "s" (registered as ``ash-p``, ``ash-b``, ``ash-s``),
     ``percentile`` p (90, the paper's ImageNet ASH-S/ASH-P setting and OpenOOD's default).
-    Penultimate form (see the module docstring).
+    Penultimate form (see the module docstring). Ties among the k largest (e.g. zero post-ReLU units when
+    fewer than k are positive) are broken by ``torch.topk``, as in the official code; only ASH-B depends on it.
     """
 
     paper = "Djurisic, Bozanic, Ashok & Liu, Extremely Simple Activation Shaping for Out-of-Distribution Detection, ICLR 2023"
