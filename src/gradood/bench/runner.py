@@ -43,6 +43,7 @@ class ModelInfo:
     head: str | None
     num_classes: int | None
     fingerprint: str = ""  # of the model (gradood.cache.model_fingerprint): part of the results' key
+    encode: Any = None  # text models: their tokenizer (texts -> keyword tensors); None for image models
 
 
 def load_model(name: str) -> ModelInfo:
@@ -50,9 +51,10 @@ def load_model(name: str) -> ModelInfo:
 
     model, meta = models.load(name)
     get = (lambda k, d=None: meta.get(k, d)) if isinstance(meta, dict) else (lambda k, d=None: getattr(meta, k, d))
+    encode = models.tokenizer(name) if get("modality", "image") == "text" else None
     return ModelInfo(model=model.eval(), mean=tuple(get("mean")), std=tuple(get("std")),
                      input_shape=tuple(get("input_shape")), head=get("head"), num_classes=get("num_classes"),
-                     fingerprint=model_fingerprint(model))
+                     fingerprint=model_fingerprint(model), encode=encode)
 
 
 #: weights, buffers, classes and their source (the same fingerprint keys the cached signals)
@@ -93,6 +95,8 @@ def load_data(ref: DataRef, info: ModelInfo, seed: int, where: str):
             f"{len(ds)} or remove it to use every sample.")
     if ref.n is not None and ref.n < len(ds):
         ds = ds.sample(ref.n, seed=seed)
+    if isinstance(ds, data.TextDataset):  # texts: the model's tokenizer makes its inputs (no shapes to check)
+        return ds
     if ref.resize is not None:
         ds = ds.resized(ref.resize)
     if ref.channels is not None:
@@ -209,14 +213,14 @@ def signals_folder(cache: Path, model: str) -> Path:
 
 def prepare(spec: BenchSpec, run: RunSpec, cache: Path, progress: bool, executor: Any = None) -> Prepared:
     info = load_model(run.model)
-    probe = Probe(info.model, head=info.head, input_std=info.std, input_mean=info.mean)
+    probe = Probe(info.model, head=info.head, input_std=info.std or None, input_mean=info.mean or None)
     where = f"run {run.model}"
 
     def signals(ref: DataRef, name: str, idx: np.ndarray | None = None) -> Signals:
         ds = load_data(ref, info, spec.seed, where)
         if idx is not None:
             ds = ds.subset(idx)
-        x, y = ds.tensors(mean=info.mean, std=info.std)
+        x, y = ds.encode(info.encode) if info.encode is not None else ds.tensors(mean=info.mean, std=info.std)
         folder = signals_folder(cache, run.model)
         s = Signals(source=_source(x, y, spec.batch_size), probe=probe, name=name, cache_dir=folder,
                     progress=progress, checkpoint_every=spec.checkpoint_every)
@@ -228,8 +232,11 @@ def prepare(spec: BenchSpec, run: RunSpec, cache: Path, progress: bool, executor
     val = signals(run.id_val, f"{run.id_val.label} (val)") if run.id_val is not None else fit
     ood_val, ood_test, groups = {}, {}, {}
     for i, o in enumerate(run.oods):
-        n = len(load_data(o, info, spec.seed, where))
-        vi, ti = split_holdout(n, spec.ood_val, spec.seed + 1000 + i)
+        ds = load_data(o, info, spec.seed, where)
+        vi, ti = split_holdout(len(ds), spec.ood_val, spec.seed + 1000 + i)
+        if getattr(ds, "val_rows", None) is not None:  # an official validation part (CLINC150 oos): use it
+            vi = ds.val_rows
+            ti = np.setdiff1d(np.arange(len(ds)), vi)
         ood_val[o.label] = signals(o, f"{o.label} (val)", vi)
         ood_test[o.label] = signals(o, f"{o.label} (test)", ti)
         groups[o.label] = o.group

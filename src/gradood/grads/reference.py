@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._capture import Loss, check_eval_mode, check_losses, func_per_sample_grads, prepare_input, resolve_params
+from ._capture import (Loss, batch_size, call_model, check_eval_mode, check_losses, func_per_sample_grads,
+                       prepare_input, resolve_params, take_rows)
 from .basis import GradBasis, Tensors
 
 
@@ -24,7 +25,7 @@ def per_sample_grads(model: nn.Module, x: torch.Tensor, loss_fn: Loss, params: A
     names = resolve_params(model, params, x)
     named = dict(model.named_parameters())
     [(rows, grads)] = list(func_per_sample_grads(model, x, loss_fn, names, budget=1 << 62))
-    return {n: grads[n].reshape(x.shape[0], *named[n].shape) for n in names}
+    return {n: grads[n].reshape(batch_size(x), *named[n].shape) for n in names}
 
 
 def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,10 +73,10 @@ def loop_sqnorms(model: nn.Module, x: torch.Tensor, loss_fn: Loss, params: Any =
     x = prepare_input(model, x)
     names = set(resolve_params(model, params, x))
     ps = [p for n, p in model.named_parameters() if n in names]
-    out = torch.empty(x.shape[0], dtype=ps[0].dtype, device=ps[0].device)
+    out = torch.empty(batch_size(x), dtype=ps[0].dtype, device=ps[0].device)
     with torch.enable_grad():
-        for i in range(x.shape[0]):
-            loss = check_losses(loss_fn(model(x[i:i + 1])), 1)[0]
+        for i in range(batch_size(x)):
+            loss = check_losses(loss_fn(call_model(model, take_rows(x, slice(i, i + 1)))), 1)[0]
             gs = torch.autograd.grad(loss, ps, allow_unused=True)
             out[i] = sum((g * g).sum() for g in gs if g is not None)
     return out

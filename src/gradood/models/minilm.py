@@ -116,6 +116,10 @@ class MiniLMClassifier(nn.Module):
         self.encoder = encoder
         self.head = nn.Linear(HIDDEN, num_classes)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The token-embedding table (what perturbation detectors move for token inputs)."""
+        return self.encoder.get_input_embeddings()
+
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         keep = int(attention_mask.sum(1).max()) if attention_mask.numel() else 0

@@ -32,7 +32,7 @@ from ..data._cache import atomic_target
 from .checkpoints import save_state_dict
 
 RECIPE = "minilm-clinc150"
-DEFAULTS = {"l2": 1e-4, "max_iter": 500, "seed": 0, "threads": 2, "batch_size": 256}
+DEFAULTS = {"l2": 1e-5, "max_iter": 500, "seed": 0, "threads": 2, "batch_size": 256}
 
 
 @torch.inference_mode()
