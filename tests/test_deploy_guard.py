@@ -148,3 +148,32 @@ def test_guard_refuses_what_it_cannot_decide(tmp_path):
         gradood.Guard(seeded(SmallCNN, 9, dtype=torch.float64), loaded)(TEST_X)
     with pytest.raises(gradood.ModelError):
         gradood.Guard("not a model", loaded)
+
+
+class DictInputNet(torch.nn.Module):
+    """Takes keyword inputs, as HuggingFace models do: ``model(pixels=..., scale=...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(6, 8)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, pixels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.body(pixels * scale[:, None])))
+
+
+def test_guard_takes_a_dict_batch_as_one_batch():
+    model = seeded(DictInputNet, 0, dtype=torch.float64)
+
+    def batch(n, seed):
+        return {"pixels": make_inputs(n, 6, seed=seed, dtype=torch.float64), "scale": torch.ones(n, dtype=torch.float64)}
+
+    det = gradood.create("knn", k=5).fit(gradood.Probe(model).signals(batch(60, 0), progress=False))
+    det.calibrate(gradood.Probe(model).signals(batch(40, 1), progress=False), tpr=0.9)
+    count = ForwardCounter(model)
+    out = gradood.Guard(model, det)(batch(25, 2))
+    assert count.n == 1 and out.scores.shape == (25,)
+    np.testing.assert_array_equal(out.scores.numpy(), det.score(gradood.Probe(model).signals(batch(25, 2),
+                                                                                               progress=False)))
+    with pytest.raises(gradood.InputError, match="one batch"):
+        gradood.Guard(model, det)([1, 2, 3])
