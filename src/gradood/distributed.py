@@ -239,12 +239,14 @@ def _remote_map(fitter: Any, p: int, i: int) -> Any:
     return fitter.map(p, i)
 
 
-def ray_map_shards(fitter: Any, p: int) -> list:
-    """One pass of a streamed fit as Ray tasks, one per shard; results in shard order."""
+def ray_map_shards(fitter: Any, p: int):
+    """One pass of a streamed fit as Ray tasks, one per shard, all submitted at once; the results are fetched
+    one by one in shard order, so the driver holds one shard's statistic besides the running total."""
     ray = _ray()
     task = ray.remote(num_cpus=1, max_retries=RETRIES)(_remote_map)
     ref = ray.put(fitter)
-    return ray.get([task.remote(ref, p, i) for i in range(len(fitter.offsets))])
+    for result in [task.remote(ref, p, i) for i in range(len(fitter.offsets))]:
+        yield ray.get(result)
 
 
 def fit(detector: Any, shards: Any) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +29,8 @@ from .shards import ShardedSignals
 from .stats import (ClassMoments, ExactRankSelector, Moments, Sums, merge_smallest, numpy_linear_percentile,
                     percentile_ranks)
 
-#: Runs ``fitter.map(pass_index, shard_index)`` over every shard and returns the results in shard order.
-MapShards = Callable[["StreamFit", int], list]
+#: Runs ``fitter.map(pass_index, shard_index)`` over every shard; yields the results in shard order.
+MapShards = Callable[["StreamFit", int], Iterable[Any]]
 
 
 class StreamFit:
@@ -60,17 +60,18 @@ class StreamFit:
     def map_signals(self, p: int, s: Signals, offset: int, i: int) -> Any:
         raise NotImplementedError
 
-    def reduce(self, p: int, parts: list) -> None:
+    def reduce(self, p: int, parts: Iterable[Any]) -> None:
         raise NotImplementedError
 
     def finish(self) -> None:
         raise NotImplementedError
 
 
-def _merged(parts: list) -> Any:
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.merge(p)
+def _merged(parts: Iterable[Any]) -> Any:
+    """Merge in order, one part at a time: only the running total and one shard's statistic are alive."""
+    out = None
+    for p in parts:
+        out = p if out is None else out.merge(p)
     return out
 
 
@@ -244,8 +245,9 @@ def _fitter_for(detector: Any, shards: ShardedSignals) -> StreamFit | None:
     return None
 
 
-def local_map(fitter: StreamFit, p: int) -> list:
-    return [fitter.map(p, i) for i in range(len(fitter.offsets))]
+def local_map(fitter: StreamFit, p: int) -> Iterator[Any]:
+    """One pass's map, here, shard after shard (lazily: the reduce consumes each result before the next)."""
+    return (fitter.map(p, i) for i in range(len(fitter.offsets)))
 
 
 def fit_streaming(detector: Any, shards: ShardedSignals, *, map_shards: MapShards = local_map) -> Any:
