@@ -213,3 +213,19 @@ def test_a_folder_without_a_finished_extraction_is_a_clear_error(tmp_path):
         warnings.simplefilter("error")
         with pytest.raises(gradood.InputError, match="shard_rows must be >= 1"):
             stream.extract_to_shards(None, None, [], tmp_path, shard_rows=0)
+
+
+def test_streamed_mahalanobis_warns_on_a_rank_deficient_covariance_like_the_in_memory_fit(tmp_path):
+    from gradood.detectors._checks import DegenerateFitWarning
+
+    x = make_inputs(300, 8, seed=7).relu()
+    x[:, :3] = 0.0  # three dead units
+    y = make_labels(300, 4, seed=8)
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(8, 4)).eval()
+    shards = stream.extract_to_shards(gradood.Probe(model, head="1"), (x, y), [gradood.FEATURES], tmp_path,
+                                      shard_rows=100, batch_size=50, progress=False)
+    with pytest.warns(DegenerateFitWarning, match=r"rank 5 < D = 8 \(3 of 8 units are constant"):
+        streamed = stream.fit_streaming(gradood.create("mahalanobis"), shards)
+    with pytest.warns(DegenerateFitWarning, match=r"rank 5 < D = 8 \(3 of 8 units are constant"):
+        in_memory = gradood.create("mahalanobis").fit(gradood.Probe(model, head="1").signals((x, y), progress=False))
+    torch.testing.assert_close(streamed.gaussian_.precision, in_memory.gaussian_.precision)

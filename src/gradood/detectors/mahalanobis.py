@@ -51,7 +51,7 @@ class TiedGaussian:
         centred = f - means[y]
         cov = centred.T @ centred / f.shape[0]
         if ridge == 0:
-            _warn_if_rank_deficient(cov, f, who, data, C, fix)
+            _warn_if_rank_deficient(cov, f.shape[0], constant_units(f), who, data, C, fix)
         return cls.from_moments(means, cov, ridge=ridge)
 
     @classmethod
@@ -76,13 +76,13 @@ class TiedGaussian:
         return torch.cat(out)
 
 
-def _warn_if_rank_deficient(cov: torch.Tensor, f: torch.Tensor, who: str, data: str, n_classes: int,
+def _warn_if_rank_deficient(cov: torch.Tensor, N: int, dead: int, who: str, data: str, n_classes: int,
                             fix: str = "") -> None:
-    D, N = cov.shape[0], f.shape[0]
+    """Warn when the tied covariance of ``N`` samples has rank below its dimension; ``dead`` = constant units."""
+    D = cov.shape[0]
     rank = covariance_rank(cov)
     if rank >= D:
         return
-    dead = constant_units(f)
     why = (f"{dead} of {D} units are constant (dead) on these samples" if dead else
            f"N = {N} samples in {n_classes} classes span at most {max(N - n_classes, 0)} dimensions" if N - n_classes < D
            else "the features are linearly dependent")

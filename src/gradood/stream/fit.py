@@ -92,8 +92,14 @@ class MahalanobisFit(StreamFit):
         if bool((counts == 0).any()):
             raise InputError(f"the ID fit shards have no samples of classes {(counts == 0).nonzero().flatten().tolist()[:10]}: "
                              "Mahalanobis needs every class's mean. Fit on data covering all classes.")
-        self.detector.gaussian_ = TiedGaussian.from_moments(self.moments.means(C), self.moments.tied_covariance(),
-                                                            ridge=self.detector.ridge)
+        cov = self.moments.tied_covariance()
+        if self.detector.ridge == 0:
+            from ..detectors.mahalanobis import _warn_if_rank_deficient
+
+            _warn_if_rank_deficient(cov, self.n, self.moments.constant_units(), "mahalanobis",
+                                    f"the shards in {self.folder} (penultimate features)", C,
+                                    "To choose: pass ridge=1e-6 for the ridge form, or fit on more samples.")
+        self.detector.gaussian_ = TiedGaussian.from_moments(self.moments.means(C), cov, ridge=self.detector.ridge)
 
 
 class ViMFit(StreamFit):

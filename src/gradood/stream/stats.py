@@ -73,6 +73,13 @@ class ClassMoments:
     def means(self, n_classes: int) -> torch.Tensor:
         return torch.stack([self.per_class[c].mean for c in range(n_classes)])
 
+    def constant_units(self) -> int:
+        """Feature dimensions that take one value on every sample: no spread within any class, equal class means."""
+        moments = list(self.per_class.values())
+        flat = torch.stack([m.m2.diagonal() == 0 for m in moments]).all(dim=0)
+        means = torch.stack([m.mean for m in moments])
+        return int((flat & (means == means[0]).all(dim=0)).sum())
+
     def tied_covariance(self) -> torch.Tensor:
         n = sum(m.n for m in self.per_class.values())
         return sum(m.m2 for m in self.per_class.values()) / n  # type: ignore[return-value]
