@@ -28,7 +28,7 @@ def gram_row_sums(a: torch.Tensor, max_power: int) -> list[torch.Tensor]:
         if p > 1:
             t = t * a  # A^p by one product per order (pow(p) on every order is several times slower)
         # row sums of T T^T without forming it: (T T^T 1)_c = sum_s T_cs (sum_c' T_c's), O(C S), not O(C^2 S)
-        g = (t * t.sum(dim=1, keepdim=True)).sum(dim=2)
+        g = torch.bmm(t, t.sum(dim=1).unsqueeze(2)).squeeze(2)
         out.append(g if p == 1 else g.sign() * g.abs().pow(1.0 / p))
     return out
 
