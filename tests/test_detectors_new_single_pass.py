@@ -415,3 +415,45 @@ def test_gmm_default_components_is_the_class_count_and_errors(tanh64):
         gradood.create("gmm", n_components=41).fit(fit)
     with pytest.raises(gradood.ConfigError, match="covariance_type must be one of"):
         gradood.create("gmm", covariance_type="banded")
+
+
+class _BNHead(torch.nn.Module):
+    """``Linear -> ReLU -> BatchNorm1d -> Dropout -> fc``: the head's input is a BN output (BATS' setting)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.ReLU(), torch.nn.BatchNorm1d(7),
+                                        torch.nn.Dropout(0.3))
+        self.fc = torch.nn.Linear(7, C)
+        with torch.no_grad():
+            self.body[2].running_mean.uniform_(0.0, 0.5)
+            self.body[2].running_var.uniform_(0.5, 2.0)
+            self.body[2].weight.uniform_(-1.5, 1.5)  # a negative gamma: sigma = |gamma|
+            self.body[2].bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+@pytest.mark.parametrize("statistics", ["auto", "bn"])
+def test_bats_reads_the_batchnorm_feeding_the_head(statistics):
+    model = seeded(_BNHead, 60, torch.float64)
+    fit, test = _sig(model, 30, 61), _sig(model, 12, 62, labels=False)
+    det = gradood.create("bats", lam=0.7, statistics=statistics).fit(fit)
+    bn = model.body[2]
+    assert det.statistics_ == "bn:body.2"
+    beta, gamma = np_(bn.bias), np.abs(np_(bn.weight))
+    W, b = _head(model)
+    ref = _energy(np.clip(np_(test.features), beta - 0.7 * gamma, beta + 0.7 * gamma), W, b)
+    np.testing.assert_allclose(det.score(test), ref, rtol=RTOL)
+    # the features form estimates the same band from the fit features instead
+    feats = gradood.create("bats", lam=0.7, statistics="features").fit(fit)
+    assert feats.statistics_ == "features"
+    np.testing.assert_allclose(np_(feats.mean_), np_(fit.features).mean(0), rtol=RTOL)
+
+
+def test_bats_bn_statistics_need_a_batchnorm_before_the_head(tanh64):
+    fit = _sig(tanh64, 20, 63)
+    assert gradood.create("bats").fit(fit).statistics_ == "features"
+    with pytest.raises(gradood.InputError, match="statistics='bn' needs an affine BatchNorm"):
+        gradood.create("bats", statistics="bn").fit(fit)

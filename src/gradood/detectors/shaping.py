@@ -10,6 +10,7 @@ ASH implementation applies it to the pooled penultimate features, as here.) High
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError, InputError
 from ..signals import FEATURES, Request, Signals
@@ -176,18 +177,43 @@ class DICE(Detector):
         return _head_energy(signals, signals.features.double(), weight=w.double() * self.mask_)
 
 
+STATISTICS = ("auto", "bn", "features")
+
+
+def bn_feeding_head(signals: Signals) -> tuple[str, nn.Module] | None:
+    """The affine BatchNorm layer whose output IS the head's input (found by data flow on one batch: its output
+    equals the captured features exactly, e.g. ``BN -> head`` or ``BN -> Dropout -> head`` in eval mode), or None."""
+    probe = signals.probe
+    if probe is None or signals.source is None:
+        return None
+    bns = {n: m for n, m in probe.model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
+    if not bns:
+        return None
+    x, _ = next(iter(signals.source.iter_batches()))
+    out = probe.forward(x, tuple(bns), validate=False)
+    for name, module in bns.items():
+        a = out.taps[name]
+        if a.shape == out.features.shape and torch.equal(a, out.features):
+            return name, module
+    return None
+
+
 @register("bats")
 class BATS(Detector):
     """BATS: truncation to the typical feature set (Zhu, Chen, Xie, Gong, Yu, Hu & Liu, NeurIPS 2022,
     https://arxiv.org/abs/2211.11164), penultimate form.
 
     ``h' = clamp(h, mu - lam * sigma, mu + lam * sigma)`` per unit, score the energy ``LSE(W h' + b)``;
-    higher = more ID. The paper reads ``mu`` and ``sigma`` from the BatchNorm layer producing the features
-    (its shift beta and scale gamma, which are the mean and std of that BN's outputs). A classifier's head
-    input is rarely a BN output (ResNet: BN -> ReLU -> pool), so this form estimates the same quantities
-    directly: ``mu``, ``sigma`` = per-unit mean and std (population) of the ID fit features. For a head fed
-    straight by a BN layer these converge to beta and |gamma|. Fitted state: ``mean_``, ``std_``.
-    Hyperparameters: ``lam`` (1.0, the paper's ResNet-50 value). Inputs: penultimate features, head.
+    higher = more ID. The paper reads ``mu`` and ``sigma`` from the BatchNorm layer producing the features:
+    its shift beta and scale |gamma|, the mean and std of that BN's outputs. ``statistics``: "bn" takes them
+    from the affine BatchNorm whose output is the head's input (found by data flow on one batch; an error if
+    there is none); "features" estimates the same quantities from the ID fit features (per-unit mean and
+    population std; for a head fed straight by a BN layer they converge to beta and |gamma|), for the common
+    case where the head's input is not a BN output (ResNet: BN -> ReLU -> pool); "auto" (default) uses "bn"
+    when such a layer exists, else "features". Fitted state: ``mean_``, ``std_``, ``statistics_`` (the
+    source used: "bn:<layer>" or "features"). Hyperparameters: ``lam`` (1.0, the paper's ResNet-50 value),
+    ``statistics`` ("auto"). Inputs: penultimate features, head weight/bias.
     """
 
     paper = "Zhu et al., Boosting Out-of-distribution Detection with Typical Features, NeurIPS 2022"
@@ -195,18 +221,30 @@ class BATS(Detector):
     signals = ("features",)
     fits_on_id = True
 
-    hyperparams = {"lam": hp.non_negative()}
+    hyperparams = {"lam": hp.non_negative(), "statistics": hp.choice(*STATISTICS)}
 
-    def __init__(self, lam: float = 1.0) -> None:
+    def __init__(self, lam: float = 1.0, statistics: str = "auto") -> None:
         self.lam = lam
+        self.statistics = statistics
 
     def requests(self) -> list[Request]:
         return [FEATURES]
 
     def _fit(self, signals: Signals, **_: object) -> None:
+        found = bn_feeding_head(signals) if self.statistics in ("auto", "bn") else None
+        if found is None and self.statistics == "bn":
+            raise InputError("bats statistics='bn' needs an affine BatchNorm layer whose output is the head's input; "
+                             "this model has none: use statistics='features' (or 'auto').")
+        if found is not None:
+            name, bn = found
+            self.mean_ = bn.bias.detach().to("cpu", torch.float64).clone()
+            self.std_ = bn.weight.detach().to("cpu", torch.float64).abs()
+            self.statistics_ = f"bn:{name}"
+            return
         h = signals.features.double()
         self.mean_ = h.mean(dim=0)
         self.std_ = h.std(dim=0, unbiased=False)
+        self.statistics_ = "features"
 
     def _score(self, signals: Signals) -> torch.Tensor:
         lo, hi = self.mean_ - self.lam * self.std_, self.mean_ + self.lam * self.std_
