@@ -51,6 +51,8 @@ def _fitted(name: str, model, data):
 # ---------------------------------------------------------------------- registry-wide round trip
 @pytest.mark.parametrize("name", gradood.available())
 def test_every_registered_detector_round_trips_bit_identically(name, data, tmp_path):
+    if name == "mc-dropout":
+        pytest.skip("needs a model with dropout; its round trip is in test_detectors_gradfamily.py")
     model = _model()
     det = _fitted(name, model, data)
     s = det.score(_signals(model, data["test"], "test"))

@@ -46,7 +46,8 @@ def bncnn_signals():
     return model, x, probe_signals(model, x, batch_size=4)
 
 
-@pytest.mark.parametrize("target,loss,sign", [("predicted", _predicted_nll, -1.0), ("confounding", _confounding_bce, 1.0)])
+@pytest.mark.parametrize("target,loss,sign",
+                         [("predicted", _predicted_nll, -1.0), ("confounding", _confounding_bce, 1.0)])
 def test_gradunc_matches_per_sample_autograd_over_all_parameters(bncnn_signals, target, loss, sign):
     """Oberdiek et al.: -||grad||, a large gradient is an uncertain prediction; Lee & AlRegib's all-ones label:
     +||grad||, the confident prediction has the largest gradient (see the docstring)."""
@@ -156,3 +157,216 @@ def test_gaia_refuses_a_layer_that_does_not_reach_the_logits():
     s = probe_signals(model, make_inputs(4, 6, dtype=torch.float64), batch_size=4)
     with pytest.raises(GradoodError, match="side"):
         gradood.create("gaia-a", layers=["side"]).fit(s).score(s)
+
+
+# ------------------------------------------------------------------------ Wu et al.'s other low-dim heads
+LOWDIM_KW = dict(k_dims=3, power_iters=1, probe_epochs=2)
+
+
+@pytest.fixture(scope="module")
+def lowdim_data():
+    model = seeded(MLP, 3, torch.float64, d_in=6, hidden=16, n_classes=5, logit_scale=2.0)
+    x, y = make_inputs(60, 6, seed=8, dtype=torch.float64), make_labels(60, 5, seed=9)
+    # the test set includes far-away inputs, so that clipping and clamping act on some of its samples
+    x_test = torch.cat([make_inputs(12, 6, seed=10, dtype=torch.float64),
+                        make_inputs(8, 6, seed=11, dtype=torch.float64, scale=6.0)])
+    return probe_signals(model, x, y, batch_size=16), probe_signals(model, x_test, batch_size=16)
+
+
+def _probe_np(det):
+    bn, fc = det.probe_.bn, det.probe_.fc
+    return dict(rm=np_(bn.running_mean), sd=np.sqrt(np_(bn.running_var) + bn.eps), g=np_(bn.weight),
+                be=np_(bn.bias), W=np_(fc.weight), c=np_(fc.bias))
+
+
+def _bn(P, z):
+    return (z - P["rm"]) / P["sd"] * P["g"] + P["be"]
+
+
+def _lse(a):
+    m = a.max(1, keepdims=True)
+    return (m + np.log(np.exp(a - m).sum(1, keepdims=True)))[:, 0]
+
+
+def _softmax(a):
+    e = np.exp(a - a.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _fitted(name, lowdim_data, **kw):
+    fit, test = lowdim_data
+    det = gradood.create(name, **LOWDIM_KW, **kw).fit(fit)
+    return det, np_(fit.get(det.request_)), np_(test.get(det.request_)), det.score(test)
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_lowdim_react_head_is_probe_energy_of_clipped_projections(lowdim_data, start):
+    """The official code's ReAct head: projection dimensions ``start:`` clipped at their ID percentile."""
+    det, z_fit, z, got = _fitted("lowdim-pca-react", lowdim_data, react_start_dim=start, react_percentile=80.0)
+    P = _probe_np(det)
+    clip = np.percentile(z_fit[:, start:], 80)
+    zc = z.copy()
+    zc[:, start:] = np.minimum(zc[:, start:], clip)
+    assert (z[:, start:] > clip).any() and (start == 0 or (z[:, :start] > clip).any())  # clipped, and kept
+    np.testing.assert_allclose(got, _lse(_bn(P, zc) @ P["W"].T + P["c"]), rtol=1e-9)
+
+
+def test_lowdim_react_start_dim_must_leave_dimensions_to_clip(lowdim_data):
+    with pytest.raises(ConfigError, match="react_start_dim"):
+        _fitted("lowdim-pca-react", lowdim_data, react_start_dim=3)
+    # None: 10 (the code's value) with more than 10 directions, else every dimension is clipped
+    assert _fitted("lowdim-pca-react", lowdim_data)[0].react_start_dim_ == 0
+    assert gradood.create("lowdim-pca-react")._react_start(16) == 10
+
+
+def test_lowdim_bats_head_is_energy_of_bn_clamped_probe_features(lowdim_data):
+    fit, test = lowdim_data
+    det = gradood.create("lowdim-pca-bats", **LOWDIM_KW, bats_lam=0.5).fit(fit)
+    with torch.no_grad():
+        det.probe_.bn.weight[0] *= -1.0  # BN scales may be negative: the range is beta -/+ lam * |gamma|
+    z, got = np_(test.get(det.request_)), det.score(test)
+    P = _probe_np(det)
+    b = _bn(P, z)
+    lo, hi = P["be"] - 0.5 * np.abs(P["g"]), P["be"] + 0.5 * np.abs(P["g"])
+    assert ((b < lo) | (b > hi)).any()
+    np.testing.assert_allclose(got, _lse(np.clip(b, lo, hi) @ P["W"].T + P["c"]), rtol=1e-9)
+
+
+def test_lowdim_bats_with_a_wide_range_is_the_energy_head(lowdim_data):
+    _, _, _, wide = _fitted("lowdim-pca-bats", lowdim_data, bats_lam=1e9)
+    _, _, _, energy = _fitted("lowdim-pca-energy", lowdim_data)
+    np.testing.assert_allclose(wide, energy, rtol=1e-5)  # the energy head runs the float32 probe
+
+
+def test_lowdim_gradnorm_head_is_the_l1_norm_of_the_probe_weights_gradient(lowdim_data):
+    det, _, z, got = _fitted("lowdim-pca-gradnorm", lowdim_data)
+    P = _probe_np(det)
+    W = torch.tensor(P["W"], requires_grad=True)
+    ref = []
+    for b in _bn(P, z):
+        f = W @ torch.tensor(b) + torch.tensor(P["c"])
+        kl = -torch.log_softmax(f, dim=0).mean() - np.log(len(f))  # KL(u || softmax(f))
+        (g,) = torch.autograd.grad(kl, W)
+        ref.append(float(g.abs().sum()))
+    np.testing.assert_allclose(got, ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("eps,T", [(0.0, 100.0), (0.5, 100.0), (0.5, 2.0)])
+def test_lowdim_odin_head_is_odin_on_the_projections(lowdim_data, eps, T):
+    """``z' = z + eps * sign(grad_z log p_c_hat)`` with the gradient in closed form,
+    ``(gamma / sigma) * W^T (e_c_hat - p_T) / T``; score ``max softmax(probe(z') / T)``."""
+    det, _, z, got = _fitted("lowdim-pca-odin", lowdim_data, odin_eps=eps, odin_temperature=T)
+    P = _probe_np(det)
+    p = _softmax((_bn(P, z) @ P["W"].T + P["c"]) / T)
+    d = -p
+    d[np.arange(len(p)), p.argmax(1)] += 1.0
+    grad = (d @ P["W"]) * (P["g"] / P["sd"]) / T
+    z2 = z + eps * np.sign(grad)
+    np.testing.assert_allclose(got, _softmax((_bn(P, z2) @ P["W"].T + P["c"]) / T).max(1), rtol=1e-9)
+
+
+def test_lowdim_odin_at_t1_without_perturbation_is_the_msp_head(lowdim_data):
+    _, _, _, odin = _fitted("lowdim-pca-odin", lowdim_data, odin_eps=0.0, odin_temperature=1.0)
+    _, _, _, msp = _fitted("lowdim-pca-msp", lowdim_data)
+    np.testing.assert_allclose(odin, msp, rtol=1e-5)
+
+
+def test_lowdim_shaped_heads_refuse_the_forward_ensemble():
+    with pytest.raises(ConfigError, match="ensemble"):
+        gradood.create("lowdim-pca-react", ensemble=1.0)
+
+
+# --------------------------------------------------------------------------------------------- MC dropout
+class DropMLP(nn.Module):
+    """``x -> Linear -> ReLU -> Dropout(p) -> fc``, plus a BatchNorm1d whose running statistics must stay."""
+
+    def __init__(self, p: float = 0.3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(p))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def _mc_reference(model, x, batch_size, n, seed):
+    """Per batch b: torch.manual_seed(seed * 1_000_003 + b), n passes with only the Dropout in train mode."""
+    from gradood.detectors.mc_dropout import batch_seed
+
+    out = []
+    drop = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for b, xb in enumerate(x.split(batch_size)):
+        torch.manual_seed(batch_seed(seed, b))
+        for m in drop:
+            m.train()
+        with torch.no_grad():
+            p = sum(torch.softmax(model(xb), dim=1) for _ in range(n)) / n
+        for m in drop:
+            m.eval()
+        out.append(np_(p.amax(dim=1)))
+    return np.concatenate(out)
+
+
+def test_mc_dropout_is_the_max_of_the_mean_softmax_over_dropout_passes():
+    model = seeded(DropMLP, 0, torch.float64)
+    x = make_inputs(10, 6, seed=1, dtype=torch.float64)
+    got = gradood.create("mc-dropout", n_samples=7, seed=3).score(probe_signals(model, x, batch_size=4))
+    assert not any(m.training for m in model.modules())  # the dropout layers are back in eval mode
+    ref = _mc_reference(model, x, 4, 7, 3)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    msp = gradood.create("msp").score(probe_signals(model, x, batch_size=4))
+    assert np.abs(got - msp).max() > 1e-3  # the dropout masks act
+
+
+def test_mc_dropout_is_seeded_restores_flags_and_leaves_the_global_rng_alone():
+    model = seeded(DropMLP, 0, torch.float64).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = make_inputs(10, 6, seed=1, dtype=torch.float64)
+    rng = torch.random.get_rng_state()
+    a = gradood.create("mc-dropout", n_samples=5).score(probe_signals(model, x, batch_size=4))
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BN running stats untouched
+    b = gradood.create("mc-dropout", n_samples=5).score(probe_signals(model, x, batch_size=4))
+    c = gradood.create("mc-dropout", n_samples=5, seed=1).score(probe_signals(model, x, batch_size=4))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-6
+
+
+def test_mc_dropout_with_a_vanishing_drop_rate_is_msp():
+    model = seeded(DropMLP, 0, torch.float64, p=1e-15)
+    x = make_inputs(10, 6, seed=1, dtype=torch.float64)
+    s = probe_signals(model, x, batch_size=4)
+    with torch.no_grad():
+        msp = _softmax(np_(model(x))).max(1)
+    np.testing.assert_allclose(gradood.create("mc-dropout", n_samples=3).score(s), msp, rtol=1e-12)
+
+
+@pytest.mark.parametrize("p", [None, 0.0])
+def test_mc_dropout_refuses_a_model_without_dropout(p):
+    model = seeded(MLP, 0, torch.float64) if p is None else seeded(DropMLP, 0, torch.float64, p=p)
+    s = probe_signals(model, make_inputs(4, 6, dtype=torch.float64), batch_size=4)
+    with pytest.raises(gradood.errors.ModelError, match="dropout"):
+        gradood.create("mc-dropout").score(s)
+
+
+def test_mc_dropout_is_not_in_specs_all_detectors():
+    from gradood.bench.spec import all_detectors
+
+    names = [r.name for r in all_detectors()]
+    assert "mc-dropout" not in names and "gradunc" in names
+
+
+def test_mc_dropout_round_trips_through_save_and_load(tmp_path):
+    model = seeded(DropMLP, 0, torch.float64)
+    s = probe_signals(model, make_inputs(10, 6, seed=1, dtype=torch.float64), batch_size=4)
+    det = gradood.create("mc-dropout", n_samples=4, seed=2).fit(s)
+    loaded = gradood.load_detector(det.save(tmp_path / "mc"))
+    assert loaded.get_params() == det.get_params()
+    np.testing.assert_array_equal(loaded.score(s), det.score(s))
+
+
+@pytest.mark.parametrize("name", ["gradunc", "gradunc-confounding", "gaia-a", "mc-dropout"])
+def test_detectors_that_fit_nothing_request_nothing_to_fit(name):
+    """No backward (or dropout) pass over the ID fit data: the default bench's 5 000 fit samples are free."""
+    assert gradood.create(name).fit_requests() == []

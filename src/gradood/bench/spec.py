@@ -320,13 +320,16 @@ def _detector_refs(raw: Any, where: str, problems: Problems,
 
 def all_detectors() -> list[DetectorRef]:
     """Every registered detector, minus entries whose class and hyperparameters repeat an earlier one (the
-    generic ``output-feature`` family defaults to energy x l1, already listed as ``energy-x-l1``)."""
+    generic ``output-feature`` family defaults to energy x l1, already listed as ``energy-x-l1``) and
+    classes marked ``in_all = False`` (they apply to some models only: ``mc-dropout`` needs dropout layers)."""
     from ..detectors import available, create
 
     seen: set[str] = set()
     refs = []
     for name in available():
         d = create(name)
+        if not getattr(type(d), "in_all", True):
+            continue
         ident = f"{type(d).__name__}:{json.dumps(d.get_params(), sort_keys=True, default=str)}"
         if ident in seen:
             continue

@@ -31,6 +31,7 @@ _MODULES = [
     "gram",
     "gradient_uncertainty",
     "gaia",
+    "mc_dropout",
 ]
 
 

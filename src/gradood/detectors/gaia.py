@@ -130,6 +130,9 @@ class GAIAA(Detector):
     def __init__(self, layers: Sequence[str] | None = None) -> None:
         self.layers = None if layers is None else tuple(layers)
 
+    def fit_requests(self) -> list[Request]:
+        return []  # fits nothing: no gradient pass over the fit data
+
     def requests(self) -> list[Request]:
         return [AttributionAbnormality(self.layers)]
 

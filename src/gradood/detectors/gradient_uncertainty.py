@@ -106,6 +106,9 @@ class GradUncertainty(Detector):
         self.target = target
         self.params = tuple(params) if isinstance(params, list) else params
 
+    def fit_requests(self) -> list[Request]:
+        return []  # fits nothing: no gradient pass over the fit data
+
     def requests(self) -> list[Request]:
         if self.target == "predicted":
             # GRODIN's statistics at T = 1, eps = 0 hold this very norm: one shared signal (and cache entry)

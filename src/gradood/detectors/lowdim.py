@@ -29,8 +29,11 @@ from ._checks import class_labels
 from .base import Detector, register, register_variant
 from .knn import kth_neighbour_sqdist, normalize_rows
 from .mahalanobis import TiedGaussian
+from .output_feature import _percentile
 
-HEADS = ("knn", "msp", "energy", "mahalanobis")
+HEADS = ("knn", "msp", "energy", "mahalanobis", "react", "bats", "gradnorm", "odin")
+#: heads that read the linear probe's BN output ``b = bn(z)`` as its penultimate features (see probe_head_scores)
+SHAPED_HEADS = ("react", "bats", "gradnorm", "odin")
 
 
 def energy_loss(out: torch.Tensor) -> torch.Tensor:
@@ -235,6 +238,52 @@ def train_probe(z: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> Lin
     return probe.eval()
 
 
+def probe_head_scores(probe: LinearProbe, z: torch.Tensor, head: str, *, clip: float = float("inf"),
+                      start_dim: int = 0, lam: float = 1.0, temperature: float = 1.0, eps: float = 0.0
+                      ) -> torch.Tensor:
+    """The post-hoc scores of Wu et al.'s other heads (as their official code builds them), with the trained
+    probe ``fc(bn(z))`` as the classifier (float64; higher = more ID):
+
+    * "react": energy of ``fc(bn(z'))``, ``z'`` = the projections with dimensions ``start_dim:`` clipped at
+      ``clip`` (fitted as a percentile of those ID values; the leading principal directions stay unclipped);
+    * "bats": energy of ``fc(clamp(b, beta - lam |gamma|, beta + lam |gamma|))``, ``b = bn(z)`` (BATS: the BN's
+      own shift and scale are the typical range of its outputs);
+    * "gradnorm": ``||p_T - u||_1 * ||b||_1 / T``, the L1 norm of the gradient of ``KL(u || softmax(fc(b) / T))``
+      w.r.t. the probe's FC weight (GradNorm, closed form of ``(p_T - u) b^T / T``), per sample;
+    * "odin": ODIN with the perturbation applied to the projections themselves:
+      ``z' = z - eps * sign(-grad_z log max softmax(fc(bn(z)) / T))``, scored by ``max softmax(fc(bn(z')) / T)``.
+    """
+    bn, fc = probe.bn, probe.fc
+    W, c = fc.weight.detach().double(), fc.bias.detach().double()
+    gamma, beta = bn.weight.detach().double(), bn.bias.detach().double()
+    sigma = (bn.running_var.detach().double() + bn.eps).sqrt()
+
+    def normed(v: torch.Tensor) -> torch.Tensor:
+        return (v.double() - bn.running_mean.detach().double()) / sigma * gamma + beta
+
+    if head == "react":
+        z = z.double().clone()
+        z[:, start_dim:] = z[:, start_dim:].clamp(max=clip)
+        return torch.logsumexp(normed(z) @ W.T + c, dim=1)
+    if head == "bats":
+        lo, hi = beta - lam * gamma.abs(), beta + lam * gamma.abs()
+        return torch.logsumexp(torch.maximum(torch.minimum(normed(z), hi), lo) @ W.T + c, dim=1)
+    if head == "gradnorm":
+        b = normed(z)
+        p = torch.softmax((b @ W.T + c) / temperature, dim=1)
+        return (p - 1.0 / p.shape[1]).abs().sum(dim=1) * b.abs().sum(dim=1) / temperature
+    if head == "odin":
+        zz = z.double().detach().requires_grad_(eps > 0)
+        with torch.enable_grad():
+            logp = torch.log_softmax((normed(zz) @ W.T + c) / temperature, dim=1).amax(dim=1)
+            if eps > 0:
+                (g,) = torch.autograd.grad(logp.sum(), zz)
+                zz = (zz + eps * g.sign()).detach()  # z - eps * sign(-grad)
+        with torch.no_grad():
+            return torch.softmax((normed(zz) @ W.T + c) / temperature, dim=1).amax(dim=1)
+    raise ConfigError(f"unknown probe head {head!r}; one of {SHAPED_HEADS}.")
+
+
 @register("lowdim")
 class LowDimGradient(Detector):
     """Low-dimensional gradient OOD score (Wu et al., arXiv 2310.17163). Higher = more ID.
@@ -246,7 +295,16 @@ class LowDimGradient(Detector):
 
     Heads (``head``): "knn" (L2-normalised projections, ``knn_k``-th neighbour distance, default 5 as the
     official CIFAR setting), or a linear probe trained on the projections (``probe_epochs`` 10) scored by
-    "msp", "energy" or "mahalanobis" (tied covariance on the projections, true labels). ``ensemble`` a
+    "msp", "energy" or "mahalanobis" (tied covariance on the projections, true labels), or by the post-hoc
+    heads the paper combines with its gradients, with the probe as the classifier and its BN output
+    ``b = bn(z)`` as the penultimate features (:func:`probe_head_scores`), defaults the official code's CIFAR-10
+    values: "react" (projection dimensions ``react_start_dim``: onwards -- None: 10, the code's value, when
+    there are more than 10 directions, else 0 -- clipped at their
+    ``react_percentile`` (90) ID percentile -- fitted on the ID fit data, not on ID test data as the code
+    does -- then energy), "bats" (``b`` clamped to the BN's ``beta -/+ bats_lam * |gamma|``, ``bats_lam``
+    0.1), "gradnorm" (L1 norm of the probe FC weight's KL-to-uniform gradient, T = 1, per sample -- the code
+    scores whole batches) and "odin" (``odin_temperature`` 100, ``odin_eps`` 50 applied to the projections;
+    fixed values, not tuned on OOD data). ``ensemble`` a
     (default 0): the forward + backward ensemble described in the paper summary but absent from the official
     code -- ``z(S_grad) + a * z(S_fwd)`` with S_fwd the same head on the penultimate features (KNN on
     normalised features; energy/MSP on the logits; Mahalanobis on the features), z-scored with ID fit
@@ -266,11 +324,16 @@ class LowDimGradient(Detector):
     hyperparams = {"subspace": hp.choice("pca", "average"), "k_dims": hp.integer(minimum=1), "head": hp.choice(*HEADS),
                    "knn_k": hp.integer(minimum=1), "power_iters": hp.integer(minimum=0),
                    "probe_epochs": hp.integer(minimum=1), "ensemble": hp.non_negative(),
-                   "n_fit": hp.integer(minimum=2, none=True), "params": hp.PARAM_SCOPE, "seed": hp.SEED}
+                   "n_fit": hp.integer(minimum=2, none=True), "params": hp.PARAM_SCOPE, "seed": hp.SEED,
+                   "react_percentile": hp.real(low=0, high=100, low_open=True),
+                   "react_start_dim": hp.integer(minimum=0, none=True), "bats_lam": hp.non_negative(),
+                   "odin_temperature": hp.positive(), "odin_eps": hp.non_negative()}
 
     def __init__(self, subspace: str = "pca", k_dims: int = 32, head: str = "knn", knn_k: int = 5,
                  power_iters: int = 2, probe_epochs: int = 10, ensemble: float = 0.0, n_fit: int | None = 5000,
-                 params: Any = "all", seed: int = 0) -> None:
+                 params: Any = "all", seed: int = 0, react_percentile: float = 90.0,
+                 react_start_dim: int | None = None, bats_lam: float = 0.1, odin_temperature: float = 100.0,
+                 odin_eps: float = 50.0) -> None:
         self.subspace = subspace
         self.k_dims = k_dims
         self.head = head
@@ -281,6 +344,15 @@ class LowDimGradient(Detector):
         self.n_fit = n_fit
         self.params = tuple(params) if isinstance(params, list) else params
         self.seed = seed
+        self.react_percentile = react_percentile
+        self.react_start_dim = react_start_dim
+        self.bats_lam = bats_lam
+        self.odin_temperature = odin_temperature
+        self.odin_eps = odin_eps
+        if ensemble and head in SHAPED_HEADS:
+            raise ConfigError(f"lowdim: ensemble= combines the gradient score with the same head on the forward "
+                              f"features, defined for the heads knn, msp, energy and mahalanobis, not {head!r}: "
+                              "pass ensemble=0 or one of those heads.")
 
     def fit_requests(self) -> list[Request]:
         return [LOGITS, FEATURES]
@@ -314,14 +386,33 @@ class LowDimGradient(Detector):
             self.probe_ = train_probe(z, y, self.probe_epochs, self.seed)
             if self.head == "mahalanobis":
                 self.gaussian_ = TiedGaussian.fit(z, y, who=self.label, data=f"{fit_data.name!r} (gradient projections)")
+            if self.head == "react":
+                self.react_start_dim_ = self._react_start(z.shape[1])
+                self.react_clip_ = _percentile(z[:, self.react_start_dim_:], float(self.react_percentile))
         if self.ensemble > 0:
             self._fit_forward(fit_data, z)
+
+    def _react_start(self, k: int) -> int:
+        """The first clipped projection dimension: as given, or (None) the code's CIFAR-10 value 10 when the
+        subspace has more than 10 directions, else 0 (every dimension clipped)."""
+        if self.react_start_dim is None:
+            return 10 if k > 10 else 0
+        if self.react_start_dim >= k:
+            raise ConfigError(f"lowdim: react_start_dim={self.react_start_dim} leaves none of the {k} projection "
+                              f"dimensions to clip: use react_start_dim < {k} (the number of directions, k_dims "
+                              "or #classes), or None.")
+        return int(self.react_start_dim)
 
     def _grad_scores(self, z: torch.Tensor) -> torch.Tensor:
         if self.head == "knn":
             return -kth_neighbour_sqdist(normalize_rows(z.float()), self.bank_, self.knn_k).double().sqrt()
         if self.head == "mahalanobis":
             return -self.gaussian_.sqdists(z).amin(dim=1)
+        if self.head in SHAPED_HEADS:
+            T = self.odin_temperature if self.head == "odin" else 1.0
+            return probe_head_scores(self.probe_, z, self.head, clip=getattr(self, "react_clip_", float("inf")),
+                                     start_dim=getattr(self, "react_start_dim_", 0), lam=self.bats_lam, temperature=T,
+                                     eps=self.odin_eps)
         with torch.no_grad():
             logits = self.probe_(z.float()).double()
         if self.head == "msp":
@@ -364,3 +455,7 @@ register_variant("lowdim-pca-mahalanobis", LowDimGradient, head="mahalanobis")
 register_variant("lowdim-avg-knn", LowDimGradient, subspace="average")
 register_variant("lowdim-avg-energy", LowDimGradient, subspace="average", head="energy")
 register_variant("lowdim-pca-knn-ensemble", LowDimGradient, ensemble=1.0)
+register_variant("lowdim-pca-react", LowDimGradient, head="react")
+register_variant("lowdim-pca-bats", LowDimGradient, head="bats")
+register_variant("lowdim-pca-gradnorm", LowDimGradient, head="gradnorm")
+register_variant("lowdim-pca-odin", LowDimGradient, head="odin")
