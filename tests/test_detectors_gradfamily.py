@@ -370,3 +370,69 @@ def test_mc_dropout_round_trips_through_save_and_load(tmp_path):
 def test_detectors_that_fit_nothing_request_nothing_to_fit(name):
     """No backward (or dropout) pass over the ID fit data: the default bench's 5 000 fit samples are free."""
     assert gradood.create(name).fit_requests() == []
+
+
+def test_ash_fm_chooses_its_layer_at_fit():
+    model = seeded(BNCNN, 3, torch.float64)
+    s = probe_signals(model, make_inputs(4, 2, 5, 5, dtype=torch.float64), batch_size=4)
+    assert gradood.create("ash-fm").fit(s).layer_ == "act2"
+    assert gradood.create("ash-fm", layer="bn1").fit(s).layer_ == "bn1"
+
+
+# ------------------------------------------------------------------ Probe.forward(modify=) and ASH on a map
+def _np_ash(h, percentile, mode):
+    """ASH of each row in numpy: keep the top d - round(d p / 100) values (ties: any), then p / b / s."""
+    n, d = h.shape
+    k = d - int(round(d * percentile / 100.0))
+    out = np.zeros_like(h)
+    for i in range(n):
+        top = np.argsort(-h[i], kind="stable")[:k]
+        s1, kept = h[i].sum(), h[i][top]
+        out[i, top] = kept if mode == "p" else (s1 / k if mode == "b" else kept * np.exp(s1 / kept.sum()))
+    return out
+
+
+def test_probe_forward_modify_replaces_a_layers_output_and_runs_on():
+    model = seeded(BNCNN, 3, torch.float64)
+    x = make_inputs(5, 2, 5, 5, seed=4, dtype=torch.float64)
+    probe = gradood.Probe(model)
+    out = probe.forward(x, ["act1"], modify={"act1": lambda o: 2.0 * o})
+    with torch.no_grad():
+        a1 = 2.0 * model.act1(model.bn1(model.conv1(x)))
+        ref = model.fc(model.pool(model.act2(model.conv2(a1))).flatten(1))
+    np.testing.assert_allclose(np_(out.logits), np_(ref), rtol=1e-12)
+    np.testing.assert_allclose(np_(out.taps["act1"]), np_(a1), rtol=1e-12)  # taps see the modified output
+    np.testing.assert_allclose(np_(probe.forward(x).logits), np_(model(x)), rtol=1e-12)  # hooks removed
+    with pytest.raises(gradood.errors.InputError, match="nope"):
+        probe.forward(x, modify={"nope": lambda o: o})
+    with pytest.raises(gradood.errors.ModelError, match="shape"):
+        probe.forward(x, modify={"act1": lambda o: o[:, :1]})
+
+
+@pytest.mark.parametrize("mode,p", [("s", 90.0), ("p", 60.0), ("b", 65.0)])
+def test_ash_on_the_last_feature_map_matches_numpy(mode, p):
+    model = seeded(BNCNN, 3, torch.float64)
+    x = make_inputs(6, 2, 5, 5, seed=4, dtype=torch.float64)
+    got = gradood.create("ash-fm", mode=mode, percentile=p).fit(probe_signals(model, x, batch_size=4)).score(
+        probe_signals(model, x, batch_size=4))
+    with torch.no_grad():
+        a2 = model.act2(model.conv2(model.act1(model.bn1(model.conv1(x)))))
+    shaped = torch.tensor(_np_ash(np_(a2.flatten(1)), p, mode)).reshape(a2.shape)  # act2: the last map
+    with torch.no_grad():
+        f = np_(model.fc(model.pool(shaped).flatten(1)))
+    np.testing.assert_allclose(got, _lse(f), rtol=1e-10)
+
+
+def test_ash_fm_on_the_penultimate_layer_is_ash_s():
+    """On a layer whose output is the head's input, the feature-map form is the penultimate ASH."""
+    model = seeded(MLP, 1, torch.float64, logit_scale=2.0)
+    s = probe_signals(model, make_inputs(7, 6, seed=2, dtype=torch.float64), batch_size=3)
+    np.testing.assert_allclose(gradood.create("ash-fm", layer="body").fit(s).score(s),
+                               gradood.create("ash-s").score(s), rtol=1e-10)
+
+
+def test_ash_fm_without_a_feature_map_asks_for_a_layer():
+    model = seeded(MLP, 1, torch.float64)
+    s = probe_signals(model, make_inputs(4, 6, dtype=torch.float64), batch_size=4)
+    with pytest.raises(ConfigError, match="layer="):
+        gradood.create("ash-fm").fit(s)

@@ -326,7 +326,7 @@ def test_embedding_layer_choice(bert):
 FAST = {"temperatures": (1.0, 10.0), "epsilons": (0.0, 0.01), "k_dims": 3, "power_iters": 1, "probe_epochs": 1}
 #: detectors that cannot run on token inputs, and the words of their error
 CANNOT = {"fssd": "FSSD needs image-like inputs", "fssd-lr": "FSSD needs image-like inputs",
-          "fssd-lr-eps": "FSSD needs image-like inputs"}
+          "fssd-lr-eps": "FSSD needs image-like inputs", "ash-fm": "no activation layer with a feature-map output"}
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,19 @@ def _tap_copy(name: str, o: Any) -> torch.Tensor:
     return o.clone()
 
 
+def _modified_output(name: str, out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(out)`` for ``Probe.forward(modify=...)``: a tensor of the same shape, or an error naming the layer."""
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"modify: layer {name!r} outputs a {type(out).__name__}, not a tensor; name a layer "
+                         "inside it that outputs a tensor.")
+    new = fn(out)
+    if not isinstance(new, torch.Tensor) or new.shape != out.shape:
+        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        raise ModelError(f"modify: the function for layer {name!r} must return a tensor of the layer's output "
+                         f"shape {tuple(out.shape)}, got {got}.")
+    return new.to(out.dtype)
+
+
 def call_model(model: nn.Module, x: Inputs) -> Any:
     """``model(**x)`` for dict inputs (HuggingFace convention), ``model(x)`` otherwise."""
     return model(**x) if isinstance(x, Mapping) else model(x)
@@ -359,11 +372,16 @@ class Probe:
             raise
 
     def forward(self, x: "Inputs | ShiftedTokens", taps: Sequence[str] = (), *, grad: bool = False,
-                batch_index: int | None = None, validate: bool = True) -> ForwardOutput:
+                batch_index: int | None = None, validate: bool = True,
+                modify: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> ForwardOutput:
         """Run one batch and return logits (head output), features (head input) and the named taps.
 
         With ``grad=False`` (default) runs under ``torch.no_grad``; with ``grad=True`` the outputs stay in the
         autograd graph (for input gradients and per-sample parameter gradients).
+
+        ``modify`` maps module names to functions of their output: each named layer's output is replaced by
+        ``fn(output)`` (same shape) and the network runs on from there, so that a method can reshape a feature
+        map in the middle of the network (ASH, RankFeat, ...). Taps of a modified layer see the modified output.
         """
         if validate:
             if isinstance(x, ShiftedTokens):
@@ -380,6 +398,12 @@ class Probe:
             captured["logits"] = output
 
         handles = [head.register_forward_hook(head_hook)]
+        for name, fn in (modify or {}).items():
+            if name not in self._modules:
+                raise InputError(f"modify: unknown layer {name!r}: name modules of the model, e.g. "
+                                 f"{[n for n in self._modules if n][:8]}...")
+            handles.append(self._modules[name].register_forward_hook(
+                lambda _m, _i, o, n=name, f=fn: _modified_output(n, o, f)))
         for t in taps:
             if t in ("logits", "features"):
                 continue

@@ -32,6 +32,7 @@ _MODULES = [
     "gradient_uncertainty",
     "gaia",
     "mc_dropout",
+    "feature_map",
 ]
 
 
