@@ -434,5 +434,5 @@ def test_ash_fm_on_the_penultimate_layer_is_ash_s():
 def test_ash_fm_without_a_feature_map_asks_for_a_layer():
     model = seeded(MLP, 1, torch.float64)
     s = probe_signals(model, make_inputs(4, 6, dtype=torch.float64), batch_size=4)
-    with pytest.raises(ConfigError, match="layer="):
+    with pytest.raises(gradood.ModelError, match="no activation layer with a feature-map output.*layer="):
         gradood.create("ash-fm").fit(s)

@@ -221,6 +221,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _pivot_table(f"sklearn digits: MLP trained on 0-4 (test accuracy {100 * info['accuracy']:.1f}%, "
                  f"{info['n_train']} train / {info['n_test']} ID test), AUROC % / FPR95 % per OOD set, "
                  f"{info['seconds']:.1f} s", rows)
+    for name, why in info.get("skipped", {}).items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
     return 0
 
 

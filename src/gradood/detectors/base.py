@@ -122,8 +122,9 @@ class Detector(DeployMixin):
         return [LOGITS]
 
     def fit_requests(self) -> list[Request]:
-        """The signals ``fit`` reads from the ID data (default: the same as scoring)."""
-        return self.requests()
+        """The signals ``fit`` reads from the ID data (default: the scoring signals when the detector fits or
+        tunes, none when it does not: a detector without fitted state never runs the model over its fit data)."""
+        return self.requests() if self._needs_fit() else []
 
     def fit(self: D, id_signals: Signals, *, ood_val: Signals | None = None,
             id_val: Signals | None = None) -> D:
@@ -139,7 +140,11 @@ class Detector(DeployMixin):
                 f"{self.label} tunes on OOD validation data, so fit() needs ood_val=<signals of an OOD validation "
                 f"split> (and ideally id_val=). Or {self._untuned_hint()}"
             )
-        id_signals.require(self.fit_requests())
+        needed = self.fit_requests()
+        if needed:
+            id_signals.require(needed)
+        else:
+            id_signals.warm_up()  # one batch at most: the head and class count for the shape checks and contract
         self._record_shapes(id_signals)
         self._fit(id_signals, ood_val=ood_val, id_val=id_val)
         self._after_fit(id_signals)  # model contract for save/load (gradood.deploy)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError, ModelError
 from ..signals import LOGITS, ProbeBatch, Request, Signals
 from . import _hyperparams as hp
 from . import _papers
@@ -28,7 +28,7 @@ def last_feature_map_layer(probe) -> str:
         shapes[name] = tuple(out.taps[name].shape)
     maps = [n for n in layers if len(shapes[n]) >= 3]
     if not maps:
-        raise ConfigError("ash-fm found no activation layer with a feature-map output (B x C x H x W): pass "
+        raise ModelError("ash-fm found no activation layer with a feature-map output (B x C x H x W): pass "
                           "layer=<module name>, or use the penultimate forms ash-s / ash-p / ash-b.")
     return maps[-1]
 
