@@ -135,3 +135,14 @@ def test_detector_catalogue_in_docs_matches_the_registry():
 
     docs = ROOT / "docs" / "detectors.md"
     assert docs.read_text() == detectors_markdown(), "regenerate with: gradood list --markdown > docs/detectors.md"
+
+
+def test_readme_detector_list_comes_from_the_registry():
+    from gradood.cli import readme_detector_summary
+
+    text = README.read_text()
+    start = text.index("<!-- detectors:")
+    block = text[text.index("\n", start) + 1: text.index("<!-- /detectors -->")]
+    assert block == readme_detector_summary(), (
+        "regenerate the README block between the <!-- detectors --> markers with "
+        "python -c 'from gradood.cli import readme_detector_summary as r; print(r(), end=\"\")'")

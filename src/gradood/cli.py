@@ -122,6 +122,35 @@ def source_of(detector: Any) -> str:
     return f"{first}{' et al.' if many else ''}, {venue}"
 
 
+#: How the README names each detector module's family (a module missing here is named by its file name).
+FAMILY_LABELS = {
+    "logit_scores": "logit baselines", "softmax_family": "softmax family", "output_feature":
+    "last-layer gradients in closed form and the output x feature family", "grodin": "GRODIN", "lowdim":
+    "low-dimensional gradients", "gradient_family": "full-network GradNorm and GradOrth", "gradient_uncertainty":
+    "gradient uncertainty", "gaia": "GAIA", "odin": "ODIN", "fssd": "FSSD", "mahalanobis": "Mahalanobis",
+    "density": "class-conditional densities", "knn": "nearest neighbours", "vim": "ViM", "react": "ReAct",
+    "shaping": "activation shaping", "feature_map": "feature-map shaping", "feature_geometry": "feature geometry",
+    "gram": "Gram matrices", "openmax": "OpenMax", "mc_dropout": "MC dropout",
+}
+
+
+def readme_detector_summary() -> str:
+    """The README's list of detectors, from the registry (tests/test_readme.py keeps the README in sync)."""
+    from .detectors import available
+    from .detectors.base import detector_class
+
+    families: dict[str, list[str]] = {}
+    for name in available():
+        module = detector_class(name)[0].__module__.rsplit(".", 1)[-1]
+        families.setdefault(FAMILY_LABELS.get(module, module), []).append(f"`{name}`")
+    parts = [f"{label} ({', '.join(names)})" for label, names in families.items()]
+    text = (f"* **{len(available())} registered detectors**, each with its paper's form under its own name: "
+            + "; ".join(parts) + ".")
+    import textwrap
+
+    return textwrap.fill(text, width=115, subsequent_indent="  ", break_on_hyphens=False) + "\n"
+
+
 def detectors_markdown() -> str:
     """The detector catalogue as Markdown (docs/detectors.md is this output)."""
     cols = [("name", "name"), ("signals", "reads"), ("fits", "fits on"), ("tunes", "tunes on"),
