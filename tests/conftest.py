@@ -129,6 +129,21 @@ def make_labels(n: int, n_classes: int, seed: int = 0) -> torch.Tensor:
     return y
 
 
+def count_forward_passes(monkeypatch) -> dict:
+    """Counts the model's forward passes through gradood (``calls["n"]``) from now on."""
+    import gradood
+
+    calls = {"n": 0}
+    original = gradood.Probe.forward
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(gradood.Probe, "forward", counting)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Make code that draws from the global RNGs deterministic in every test."""

@@ -14,6 +14,8 @@ import torch
 import gradood
 from gradood.bench.spec import load_spec, parse_spec
 
+from conftest import count_forward_passes
+
 TINY = """
 name = "tiny"
 batch_size = 50
@@ -139,19 +141,6 @@ def test_end_to_end_writes_tables_and_report(finished_run):
     for f in ("results.csv", "results.md", "index.html"):
         assert (out / f).stat().st_size > 0
     assert not list(out.rglob("*.tmp")), "atomic writes leave no temporary files"
-
-
-def count_forward_passes(monkeypatch) -> dict:
-    """Counts the model's forward passes through gradood (``calls["n"]``) from now on."""
-    calls = {"n": 0}
-    original = gradood.Probe.forward
-
-    def counting(self, *a, **k):
-        calls["n"] += 1
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(gradood.Probe, "forward", counting)
-    return calls
 
 
 def test_rerun_reuses_cached_signals_and_results(finished_run, monkeypatch):

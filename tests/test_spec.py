@@ -12,6 +12,8 @@ import pytest
 import gradood
 from gradood.bench.spec import DATA_FIELDS, DETECTOR_FIELDS, RUN_FIELDS, TOP_FIELDS, parse_spec
 
+from conftest import count_forward_passes
+
 BASE = """
 name = "t"
 batch_size = 50
@@ -161,18 +163,6 @@ def test_docs_spec_md_is_the_generated_reference():
 
 
 # ---------------------------------------------------------------------- data-dependent checks, before any work
-def count_forward_passes(monkeypatch) -> dict:
-    calls = {"n": 0}
-    original = gradood.Probe.forward
-
-    def counting(self, *a, **k):
-        calls["n"] += 1
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(gradood.Probe, "forward", counting)
-    return calls
-
-
 @pytest.mark.parametrize("old,new,expect", [
     ('split = "test", n = 200 }', 'split = "test", n = 999999 }', "n = 999999 samples but has only 10000"),
     ("ood_val = 60", "ood_val = 150", "ood_val = 150 but the OOD set mnist has 200 samples: hold out at most half (100)"),

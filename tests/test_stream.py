@@ -14,7 +14,7 @@ from gradood import stream
 from gradood.stream.stats import (ClassMoments, ExactRankSelector, Moments, numpy_linear_percentile,
                                   percentile_ranks)
 
-from conftest import MLP, make_inputs, make_labels, seeded
+from conftest import MLP, count_forward_passes, make_inputs, make_labels, seeded
 
 N, D_IN, HIDDEN, C = 620, 6, 16, 5
 
@@ -128,18 +128,6 @@ def test_linear_percentile_from_two_order_statistics_is_numpys(q):
 
 
 # ---------------------------------------------------------------------- resumable, verified, keyed
-def _count_forwards(monkeypatch):
-    calls = {"n": 0}
-    original = gradood.Probe.forward
-
-    def counting(self, *a, **k):
-        calls["n"] += 1
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(gradood.Probe, "forward", counting)
-    return calls
-
-
 def test_interrupted_extraction_resumes_after_the_last_shard(model, data, tmp_path, monkeypatch, shards):
     folder = tmp_path / "s"
     original = gradood.Probe.forward
@@ -156,7 +144,7 @@ def test_interrupted_extraction_resumes_after_the_last_shard(model, data, tmp_pa
         stream.extract_to_shards(gradood.Probe(model), data, [gradood.FEATURES, gradood.LOGITS], folder,
                                  shard_rows=128, batch_size=50, progress=False)
     monkeypatch.setattr(gradood.Probe, "forward", original)
-    counted = _count_forwards(monkeypatch)
+    counted = count_forward_passes(monkeypatch)
     again = stream.extract_to_shards(gradood.Probe(model), data, [gradood.FEATURES, gradood.LOGITS], folder,
                                      shard_rows=128, batch_size=50, progress=False)
     assert counted["n"] == 13 - 6, "two finished shards (6 batches) are not recomputed"
@@ -171,7 +159,7 @@ def test_finished_folder_is_reused_only_for_the_same_model_and_data(model, data,
     other = seeded(MLP, 4, d_in=D_IN, hidden=HIDDEN, n_classes=C)
     want = gradood.Probe(other).signals(data, batch_size=100, progress=False).features.numpy()
     stream.extract_to_shards(gradood.Probe(model), data, req, folder, shard_rows=200, batch_size=100, progress=False)
-    calls = _count_forwards(monkeypatch)
+    calls = count_forward_passes(monkeypatch)
     stream.extract_to_shards(gradood.Probe(model), data, req, folder, shard_rows=200, batch_size=100, progress=False)
     assert calls["n"] == 0
     with pytest.warns(gradood.cache.CacheWarning, match="another model"):
@@ -197,7 +185,7 @@ def test_corrupted_shard_is_named_and_recomputed(model, data, tmp_path, monkeypa
     victim.write_bytes(bytes(raw))
     with pytest.raises(gradood.InputError, match=f"{victim.name}.*does not match its sha256"):
         stream.ShardedSignals(folder)
-    calls = _count_forwards(monkeypatch)
+    calls = count_forward_passes(monkeypatch)
     with pytest.warns(gradood.cache.CacheWarning, match=victim.name):
         fixed = stream.extract_to_shards(gradood.Probe(model), data, req, folder, shard_rows=200, batch_size=100,
                                          progress=False)
