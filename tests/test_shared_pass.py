@@ -49,7 +49,7 @@ def test_one_pass_per_dataset_and_the_same_scores_as_lazy_passes(setup):
     lazy_test = probe.signals(x_test, progress=False, batch_size=16)
     for d, s in zip([gradood.create(n).fit(lazy_train) for n in NAMES], scores):
         np.testing.assert_array_equal(d.score(lazy_test), s)
-    assert passes.count(id(lazy_train)) > 1
+    assert passes.count(id(lazy_train)) + passes.count(id(lazy_test)) > 2
 
 
 def test_requests_are_the_union_without_duplicates():
@@ -91,4 +91,5 @@ def test_the_shared_pass_is_logged(setup, caplog):
     with caplog.at_level("INFO", logger="gradood"):
         gradood.signals_for(gradood.Probe(model), fit_data, [gradood.create("msp"), gradood.create("knn")],
                             fit=True, progress=False, name="fitset")
-    assert any("fitset: one pass for logits, features (to fit)" in r.getMessage() for r in caplog.records)
+    # msp fits nothing, so fitting reads only what knn fits on
+    assert any("fitset: one pass for features (to fit)" in r.getMessage() for r in caplog.records)
