@@ -15,7 +15,6 @@ Energy, GradNorm, ...) need nothing. Other fitted detectors raise a ConfigError 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -24,7 +23,7 @@ import torch
 
 from .. import cache as _cache
 from ..errors import ConfigError, InputError
-from ..signals import FEATURES, LOGITS, Signals
+from ..signals import FEATURES, Signals
 from .shards import ShardedSignals
 from .stats import (ClassMoments, ExactRankSelector, Moments, Sums, merge_smallest, numpy_linear_percentile,
                     percentile_ranks)
