@@ -200,8 +200,7 @@ def extract_to_shards(probe: Any, data: Any, requests: Sequence[Request], folder
                       name: str | None = None):
     """:func:`gradood.stream.extract_to_shards` with the forward passes on a Ray actor pool; the driver writes
     the shards in order as the batches stream back, so its memory is one shard."""
-    from . import cache as _cache
-    from .stream.shards import HEAD, ShardedSignals, ShardWriter, _head_arrays, extraction_key
+    from .stream.shards import ShardWriter, extraction_key, finish_extraction
 
     folder = Path(folder)
     requests = list(dict.fromkeys(requests))
@@ -215,12 +214,7 @@ def extract_to_shards(probe: Any, data: Any, requests: Sequence[Request], folder
         seen += len(idx)
         writer.append(values, lab, seen, "")  # no resume on the cluster path: a rerun re-extracts
     writer.flush(seen, "")
-    writer.key = {**key, "data": data_digest(data, batch_size)}
-    head = _head_arrays(probe)
-    if head is not None:
-        _cache.write_verified(folder / HEAD, _cache.npz_bytes(head))
-    writer.write_manifest(complete=True)
-    return ShardedSignals(folder)
+    return finish_extraction(writer, probe, {**key, "data": data_digest(data, batch_size)})
 
 
 def data_digest(data: Any, batch_size: int) -> str:

@@ -248,12 +248,17 @@ def extract_to_shards(probe: Any, data: Any, requests: Sequence[Request], folder
                       _cache.CacheWarning, stacklevel=2)
         return extract_to_shards_fresh(probe, source, requests, folder, shard_rows, name, progress)
     writer.flush(b + 1, hasher.digest())
-    writer.key = {**key, "data": hasher.digest()}
+    return finish_extraction(writer, probe, {**key, "data": hasher.digest()})
+
+
+def finish_extraction(writer: ShardWriter, probe: Any, key: dict[str, Any]) -> ShardedSignals:
+    """Record the full key and the head's weights, then mark the folder complete (the manifest goes last)."""
+    writer.key = key
     head = _head_arrays(probe)
     if head is not None:
-        _cache.write_verified(folder / HEAD, _cache.npz_bytes(head))
+        _cache.write_verified(writer.folder / HEAD, _cache.npz_bytes(head))
     writer.write_manifest(complete=True)
-    return ShardedSignals(folder)
+    return ShardedSignals(writer.folder)
 
 
 def extract_to_shards_fresh(probe, source, requests, folder, shard_rows, name, progress) -> ShardedSignals:
