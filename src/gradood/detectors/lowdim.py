@@ -25,7 +25,7 @@ from ..grads import GradBasis, GradMoments, grad_moments, per_sample_grad_projec
 from ..signals import FEATURES, LOGITS, ProbeBatch, Request, Signals
 from . import _papers
 from . import _hyperparams as hp
-from ._checks import class_labels
+from ._checks import check_label_values, class_labels
 from .base import Detector, register, register_variant
 from .knn import kth_neighbour_sqdist, normalize_rows
 from .mahalanobis import TiedGaussian
@@ -76,68 +76,217 @@ class GradProjections(Request):
                                                self.basis.basis).double()
 
 
+def fit_indices(n: int, n_fit: int | None, seed: int) -> np.ndarray | None:
+    """The sorted seeded subset of ``n`` fit samples the subspace is fitted on (None: all of them)."""
+    if n_fit is None or n_fit >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).permutation(n)[:n_fit])
+
+
 def _iter_fit_batches(signals: Signals, n_fit: int | None, seed: int):
     """Batches of the fit data (a seeded subset when n_fit < N), in a fixed order, on the model's device."""
     if signals.probe is None or signals.source is None:
         raise InputError("low-dimensional gradients need the model and the data: build the fit signals with "
                          "probe.signals(data), not from arrays.")
-    return signals if n_fit is None or n_fit >= len(signals) else signals.subset(
-        np.sort(np.random.default_rng(seed).permutation(len(signals))[:n_fit]), name=f"{signals.name}[lowdim fit]")
+    idx = fit_indices(len(signals), n_fit, seed)
+    return signals if idx is None else signals.subset(idx, name=f"{signals.name}[lowdim fit]")
 
 
-def _stream(signals: Signals):
-    probe = signals.probe
-    for b, (x, y) in enumerate(signals.source.iter_batches()):
-        yield probe.prepare(x, batch_index=b), y
+# ------------------------------------------------------------------ the subspace fit as mergeable passes
+# Each pass of the fit is a sum over samples. A pass is described by a SubspacePass (small but for the P x K
+# directions it carries); `subspace_block` computes its partial sums over consecutive batches from the model and
+# the batches alone (here, or in a Ray actor holding the model); partials merge in data order (`merge`), so a
+# fit over any split of the data into consecutive blocks gives the same basis up to float64 round-off. Every
+# partial is O(P x K) whatever the number of samples: the memory bound of the fit.
+
+MOMENTS, CLASS_SUMS, SKETCH = "moments", "class-sums", "sketch"
+
+
+def _r_factor(rows: torch.Tensor) -> torch.Tensor:
+    """The R factor of a Householder QR (LAPACK geqrf, as torch.linalg.qr), ``min(m, K) x K``."""
+    return torch.linalg.qr(rows, mode="r")[1]
+
+
+@dataclass
+class RowsQR:
+    """The R factor of a tall ``N x K`` matrix streamed by rows, mergeable (TSQR), keeping the sign convention of
+    a Householder QR of the whole matrix.
+
+    Holds the first K rows as they are (``head``) and the R factor of the other rows (``tail``): a Householder QR
+    of ``[head; tail]`` gives the same R as one of all N rows, signs included (the reflectors only ever read the
+    first K rows one by one and inner products of the columns, which ``tail^T tail`` keeps). O(K^2) memory.
+    """
+
+    k: int
+    head: torch.Tensor
+    tail: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, k: int) -> "RowsQR":
+        rows = rows.double()
+        return cls(k, rows[:k].clone(), _r_factor(rows[k:]) if len(rows) > k else None)
+
+    def merge(self, other: "RowsQR") -> "RowsQR":
+        """``self`` followed by ``other`` (order matters for the head); returns self."""
+        rows = torch.cat([self.head, other.head])
+        self.head, spill = rows[: self.k], rows[self.k:]
+        parts = [t for t in (self.tail, spill, other.tail) if t is not None and len(t)]
+        self.tail = _r_factor(torch.cat(parts)) if parts else None
+        return self
+
+    @property
+    def rows(self) -> int:
+        return len(self.head) + (0 if self.tail is None else len(self.tail))
+
+    def r(self) -> torch.Tensor:
+        parts = [self.head] + ([self.tail] if self.tail is not None else [])
+        return _r_factor(torch.cat(parts))
+
+
+def _add_into(acc: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
+    if set(acc) != set(other):
+        raise ConfigError("cannot merge partial gradient sums of different parameter sets.")
+    for n, v in other.items():
+        acc[n] += v.to(acc[n])
+
+
+@dataclass
+class MomentSums:
+    """Pass 1: count, sum and sum of squares of the per-sample gradients (``GradMoments``) and the labels seen,
+    in data order (mergeable)."""
+
+    moments: GradMoments
+    labels: torch.Tensor | None
+
+    def merge(self, other: "MomentSums") -> "MomentSums":
+        self.moments.merge(other.moments)
+        self.labels = None if self.labels is None or other.labels is None else torch.cat([self.labels, other.labels])
+        return self
+
+
+@dataclass
+class ClassSums:
+    """The "average" subspace's pass: per-class counts and per-class sums of the gradients ``(*shape, C)``."""
+
+    counts: torch.Tensor
+    sums: dict[str, torch.Tensor]
+
+    def merge(self, other: "ClassSums") -> "ClassSums":
+        self.counts += other.counts
+        _add_into(self.sums, other.sums)
+        return self
+
+
+@dataclass
+class SketchSums:
+    """A power-iteration pass with the P x K block W: ``sum_i g_i y_i^T`` per parameter (``(*shape, K)``),
+    ``sum_i y_i`` and the R factor of ``Y`` (:class:`RowsQR`), where ``y_i = z_i^T W`` are the projections of
+    the normalised gradients. With them ``Z^T Q = ((G^T Y) - mu (1^T Y)) * I2 R^-1`` for ``Q R = Y``."""
+
+    n: int
+    sums: dict[str, torch.Tensor]
+    ysum: torch.Tensor
+    qr: RowsQR
+
+    def merge(self, other: "SketchSums") -> "SketchSums":
+        self.n += other.n
+        _add_into(self.sums, other.sums)
+        self.ysum += other.ysum
+        self.qr.merge(other.qr)
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class SubspacePass:
+    """One pass of the subspace fit: what every batch contributes. ``kind``: "moments", "class-sums" (with
+    ``n_classes``) or "sketch" (with ``basis``: W and the normalisation); ``labels``: collect and check labels."""
+
+    kind: str
+    params: Any = "all"
+    basis: GradBasis | None = field(default=None, repr=False)
+    n_classes: int = 0
+    labels: bool = False
+    desc: str = "lowdim"
+
+    def add_batch(self, model: nn.Module, loss: Any, x: Any, y: torch.Tensor | None, acc: Any) -> Any:
+        if self.kind == MOMENTS:
+            if acc is None:
+                acc = MomentSums(GradMoments(), torch.zeros(0, dtype=torch.long) if self.labels else None)
+            grad_moments(model, x, loss, params=self.params, into=acc.moments)
+            if acc.labels is not None:
+                if y is None:
+                    raise InputError("lowdim fits class statistics on true labels, but the fit data has none: pass "
+                                     "a tuple (inputs, labels), a Dataset or a loader yielding (x, y).")
+                acc.labels = torch.cat([acc.labels, y.detach().cpu().long().view(-1)])
+            return acc
+        if self.kind == CLASS_SUMS:
+            if y is None:
+                raise InputError("lowdim (average-gradient subspace) needs labels in every batch of the fit data.")
+            yl = y.detach().cpu().long().view(-1)
+            onehot = torch.zeros(len(yl), self.n_classes, dtype=torch.float64).scatter_(1, yl.view(-1, 1), 1.0)
+            sums = weighted_grad_sums(model, x, loss, onehot, params=self.params, into=None if acc is None else acc[1])
+            return (onehot.sum(0) if acc is None else acc[0] + onehot.sum(0), sums)
+        if self.kind == SKETCH:
+            assert self.basis is not None
+            y_proj = per_sample_grad_projections(model, x, loss, self.basis)
+            sums = weighted_grad_sums(model, x, loss, y_proj, params=self.params, into=None if acc is None else acc[1])
+            yd = y_proj.detach().double().cpu()
+            if acc is None:
+                return [len(yd), sums, yd.sum(0), RowsQR.of(yd, self.basis.k)]
+            acc[0] += len(yd)
+            acc[2] += yd.sum(0)
+            acc[3].merge(RowsQR.of(yd, self.basis.k))
+            return acc
+        raise ConfigError(f"unknown subspace pass {self.kind!r}.")
+
+    def finish(self, acc: Any) -> Any:
+        """The block's partial sums, float64 on the CPU (what is merged and sent between processes)."""
+        if acc is None:
+            raise InputError("a block of the lowdim fit data has no batches.")
+        cpu = lambda d: {k: v.double().cpu() for k, v in d.items()}  # noqa: E731
+        if self.kind == MOMENTS:
+            m = acc.moments
+            return MomentSums(GradMoments(m.count, cpu(m.sum), cpu(m.sumsq)), acc.labels)
+        if self.kind == CLASS_SUMS:
+            return ClassSums(acc[0], cpu(acc[1]))
+        return SketchSums(acc[0], cpu(acc[1]), acc[2], acc[3])
+
+
+def subspace_block(spec: SubspacePass, probe: Any, batches: Any, *, first_batch: int = 0) -> Any:
+    """The partial sums of pass ``spec`` over ``batches`` (an iterable of ``(x, y)``, in data order), computed
+    with the probe's model alone: what a worker holding the model runs on its block of the fit data."""
+    loss = probe_energy_loss(probe)
+    acc = None
+    with probe.eval_mode():
+        for b, (x, y) in enumerate(batches):
+            acc = spec.add_batch(probe.model, loss, probe.prepare(x, batch_index=first_batch + b), y, acc)
+    return spec.finish(acc)
+
+
+def merge_in_order(parts: Any) -> Any:
+    """Merge partial sums in the order given (only the running total and one part alive at a time)."""
+    out = None
+    for p in parts:
+        out = p if out is None else out.merge(p)
+    if out is None:
+        raise InputError("the lowdim fit data has no batches.")
+    return out
 
 
 class SubspaceFit:
-    """Fits mu, sigma and the basis from streamed per-sample gradient statistics."""
+    """Runs the passes of the subspace fit over in-memory ``Signals`` (their data source), as one block."""
 
     def __init__(self, signals: Signals, params: Any, progress: bool) -> None:
         self.signals = signals
-        self.model = signals.probe.model
-        self.loss = probe_energy_loss(signals.probe)
         self.params = params
         self.progress = progress
 
-    def _bar(self, desc: str):
+    def __call__(self, spec: SubspacePass) -> Any:
         from tqdm.auto import tqdm
 
-        return tqdm(_stream(self.signals), total=self.signals.source.num_batches, desc=desc, leave=False,
-                    disable=None if self.progress else True)
-
-    def moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Element-wise mean and 1/std of the per-sample gradients (zero-variance entries get the largest
-        finite 1/std, as in the official code), float64."""
-        mom = GradMoments()
-        with self.signals.probe.eval_mode():
-            for x, _ in self._bar("lowdim: gradient moments"):
-                grad_moments(self.model, x, self.loss, params=self.params, into=mom)
-        return {k: v.cpu() for k, v in mom.mean().items()}, {k: v.cpu() for k, v in mom.inverse_std().items()}
-
-    def weighted(self, weights: torch.Tensor, desc: str) -> dict[str, torch.Tensor]:
-        """``sum_i w_ik g_i`` per parameter (``(*shape, K)``), weights ``N x K`` aligned with the data order."""
-        out: dict[str, torch.Tensor] | None = None
-        start = 0
-        with self.signals.probe.eval_mode():
-            for x, _ in self._bar(desc):
-                n = num_rows(x)
-                w = weights[start: start + n]
-                start += n
-                out = weighted_grad_sums(self.model, x, self.loss, w, params=self.params, into=out)
-        assert out is not None
-        return {k: v.double().cpu() for k, v in out.items()}
-
-    def project(self, directions: dict[str, torch.Tensor], center: dict[str, torch.Tensor],
-                scale: dict[str, torch.Tensor], desc: str) -> torch.Tensor:
-        """``z(x)^T V`` of every fit sample (``N x K``)."""
-        basis = GradBasis(directions, center=center, scale=scale)
-        rows = []
-        with self.signals.probe.eval_mode():
-            for x, _ in self._bar(desc):
-                rows.append(per_sample_grad_projections(self.model, x, self.loss, basis).double().cpu())
-        return torch.cat(rows)
+        bar = tqdm(self.signals.source.iter_batches(), total=self.signals.source.num_batches, desc=spec.desc,
+                   leave=False, disable=None if self.progress else True)
+        return subspace_block(spec, self.signals.probe, bar)
 
 
 def _flat(d: dict[str, torch.Tensor], k: int) -> torch.Tensor:
@@ -156,28 +305,46 @@ def _unflat(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torc
 def fit_subspace(signals: Signals, *, subspace: str, k_dims: int, power_iters: int, params: Any, seed: int,
                  progress: bool = True) -> GradientBasis:
     """mu, sigma and the P x K basis V, as a :class:`GradientBasis` with the normalisation folded in."""
-    fit = SubspaceFit(signals, params, progress)
-    mu, inv = fit.moments()
+    y = class_labels(signals, "lowdim (average-gradient subspace)") if subspace == "average" else None
+    return fit_subspace_passes(SubspaceFit(signals, params, progress), subspace=subspace, k_dims=k_dims,
+                               power_iters=power_iters, params=params, seed=seed,
+                               dtype=next(signals.probe.model.parameters()).dtype,
+                               n_classes=None if y is None else int(y.max()) + 1)
+
+
+def fit_subspace_passes(run: Any, *, subspace: str, k_dims: int, power_iters: int, params: Any, seed: int,
+                        dtype: torch.dtype, n_classes: int | None = None, labels: bool = False,
+                        data: str = "the lowdim fit data") -> GradientBasis:
+    """:func:`fit_subspace` with the passes run by ``run(SubspacePass) -> merged partial sums`` (in memory, shard
+    by shard, or on a Ray actor pool); the driver holds the P x K sketch and does the QR between passes.
+    ``labels``: collect the labels in the first pass and check them there (streamed fits); the "average"
+    subspace takes its class count from them unless ``n_classes`` is given."""
+    labels = labels or (subspace == "average" and n_classes is None)
+    first = run(SubspacePass(MOMENTS, params, labels=labels, desc="lowdim: gradient moments"))
+    if labels:
+        check_label_values(first.labels, "lowdim", data, None)
+    mom: GradMoments = first.moments
+    mu, inv = mom.mean(), mom.inverse_std()
     P = sum(v.numel() for v in mu.values())
-    n = len(signals)
+    n = mom.count
     if subspace == "pca":
         if k_dims > min(P, n - 1):
             raise ConfigError(
                 f"k_dims={k_dims} is too large for #fit samples={n} (their centred gradients span at most {n - 1} "
                 f"directions) and #parameters={P}: use k_dims <= {min(P, n - 1)} or fit on more samples."
             )
-        v = _power_iteration(fit, mu, inv, k_dims, power_iters, seed, n)
+        v = _power_iteration(run, mu, inv, k_dims, power_iters, seed, params)
     else:
-        y = class_labels(signals, "lowdim (average-gradient subspace)")
-        C = int(y.max()) + 1
-        onehot = torch.zeros(n, C, dtype=torch.float64).scatter_(1, y.long().view(-1, 1), 1.0)
-        counts = onehot.sum(0).clamp_min(1)
-        sums = _flat(fit.weighted(onehot, "lowdim: class mean gradients"), C)
+        if n_classes is None:
+            n_classes = int(first.labels.max()) + 1
+        C = n_classes
+        cs = run(SubspacePass(CLASS_SUMS, params, n_classes=C, desc="lowdim: class mean gradients"))
+        counts = cs.counts.clamp_min(1)
+        sums = _flat(cs.sums, C)
         mu_f, inv_f = _flat_vec(mu), _flat_vec(inv)
         v = (sums / counts - mu_f[:, None]) * inv_f[:, None]
         v = v / v.norm(dim=0, keepdim=True).clamp_min(1e-30)  # L2-normalised columns, not orthogonalised
     digest = hashlib.sha256(v[:: max(1, v.shape[0] // 4096)].numpy().tobytes()).hexdigest()[:16]
-    dtype = next(signals.probe.model.parameters()).dtype
     basis = GradBasis({k: t.to(dtype) for k, t in _unflat(v, mu).items()},
                       center={k: t.to(dtype) for k, t in mu.items()}, scale={k: t.to(dtype) for k, t in inv.items()})
     return GradientBasis(basis, digest)
@@ -187,17 +354,26 @@ def _flat_vec(d: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in d.values()])
 
 
-def _power_iteration(fit: SubspaceFit, mu: dict, inv: dict, k: int, iters: int, seed: int, n: int) -> torch.Tensor:
+def _power_iteration(run: Any, mu: dict, inv: dict, k: int, iters: int, seed: int, params: Any) -> torch.Tensor:
     """Top-k right singular vectors of Z = (G - mu) * inv via randomised block power iteration:
-    Y = Z W (projections), Q = orth(Y), W = Z^T Q (weighted gradient sums), repeated; never forms Z."""
+    Y = Z W (projections), Q = orth(Y), W = Z^T Q, repeated; never forms Z, nor Y or Q (N x K).
+
+    Each iteration is one pass of mergeable sums (:class:`SketchSums`): ``G^T Y``, ``1^T Y`` and the R factor
+    of Y, so ``Z^T Q = (G^T Y - mu 1^T Y) * inv R^-1`` with ``Q = Y R^-1`` the Householder Q of Y (same signs as
+    the in-memory QR this replaced: :class:`RowsQR`)."""
     mu_f, inv_f = _flat_vec(mu), _flat_vec(inv)
     g = torch.Generator().manual_seed(seed)
     W = torch.linalg.qr(torch.randn(mu_f.numel(), k, generator=g, dtype=torch.float64))[0]
     for it in range(iters + 1):
-        Y = fit.project(_unflat(W, mu), mu, inv, f"lowdim: Z V ({it + 1}/{iters + 1})")
-        Q = torch.linalg.qr(Y)[0]
-        ZtQ = _flat(fit.weighted(Q, f"lowdim: Z^T Q ({it + 1}/{iters + 1})"), k)
-        ZtQ = (ZtQ - mu_f[:, None] * Q.sum(0)[None, :]) * inv_f[:, None]
+        spec = SubspacePass(SKETCH, params, basis=GradBasis(_unflat(W, mu), center=mu, scale=inv),
+                            desc=f"lowdim: Z^T Z W ({it + 1}/{iters + 1})")
+        s: SketchSums = run(spec)
+        del spec
+        R = s.qr.r()
+        ZtY = (_flat(s.sums, k) - mu_f[:, None] * s.ysum[None, :]) * inv_f[:, None]
+        del s
+        ZtQ = torch.linalg.solve_triangular(_invertible(R), ZtY, upper=True, left=False)
+        del ZtY
         W = torch.linalg.qr(ZtQ)[0] if it < iters else ZtQ
     # B = Q^T Z = W^T (k x P); right singular vectors of B from its k x k Gram matrix.
     gram = W.T @ W
@@ -205,6 +381,24 @@ def _power_iteration(fit: SubspaceFit, mu: dict, inv: dict, k: int, iters: int, 
     order = torch.argsort(evals, descending=True)
     evals, evecs = evals[order].clamp_min(1e-30), evecs[:, order]
     return (W @ evecs) / evals.sqrt()[None, :]
+
+
+def _invertible(R: torch.Tensor) -> torch.Tensor:
+    """R, with a warning and its zero pivots replaced when Y = Z W has rank < K (the normalised gradients span
+    fewer than K directions): the matching directions of the basis are then arbitrary."""
+    d = R.diagonal().abs()
+    tiny = d <= d.max() * R.shape[0] * torch.finfo(R.dtype).eps
+    if bool(tiny.any()):
+        import warnings
+
+        from ._checks import DegenerateFitWarning
+
+        warnings.warn(f"lowdim: the fit samples' normalised gradients span only {int((~tiny).sum())} of the "
+                      f"k_dims={R.shape[0]} directions sketched (rank-deficient Z W): the other basis directions are "
+                      "arbitrary. Lower k_dims or fit on more (varied) samples.", DegenerateFitWarning, stacklevel=3)
+        R = R.clone()
+        R.diagonal().copy_(torch.where(tiny, d.max().clamp_min(1.0), R.diagonal()))
+    return R
 
 
 class LinearProbe(nn.Module):
@@ -371,9 +565,34 @@ class LowDimGradient(Detector):
         return memo[key]
 
     def _fit(self, signals: Signals, **_: object) -> None:
-        if self.subspace == "average" or self.head != "knn":
+        if self._needs_labels():
             class_labels(signals, self.label)  # before the gradient passes, not after them
         self.basis_, fit_data = self._basis_for(signals)
+        self._fit_head(fit_data)
+
+    def _needs_labels(self) -> bool:
+        return self.subspace == "average" or self.head != "knn"
+
+    def fit_from_passes(self, probe: Any, run: Any, fit_signals: Any, *, data: str = "the lowdim fit data"
+                        ) -> "LowDimGradient":
+        """Fit with the subspace's passes run by ``run(SubspacePass) -> partial sums merged in data order`` (shard
+        by shard here, or on a Ray actor pool: :func:`gradood.stream.fit_from_data`,
+        :func:`gradood.distributed.fit_from_data`), then the head on ``fit_signals(requests)``: Signals of the
+        fit samples (the seeded ``n_fit`` subset) holding those requests' rows and the labels. Returns self."""
+        self.basis_ = fit_subspace_passes(run, subspace=self.subspace, k_dims=self.k_dims,
+                                          power_iters=self.power_iters, params=self.params, seed=self.seed,
+                                          dtype=next(probe.model.parameters()).dtype, labels=self._needs_labels(),
+                                          data=data)
+        self.request_ = GradProjections(self.basis_, self.params)
+        fit_data = fit_signals([self.request_] + ([LOGITS, FEATURES] if self.ensemble > 0 else []))
+        self._record_shapes(fit_data)
+        self._fit_head(fit_data)
+        self._after_fit(fit_data)
+        self.fitted_ = True
+        return self
+
+    def _fit_head(self, fit_data: Signals) -> None:
+        """Everything after the basis: the projections of the fit samples and the head fitted on them."""
         self.request_ = GradProjections(self.basis_, self.params)
         z = fit_data.get(self.request_)
         self.k_dims_ = z.shape[1]

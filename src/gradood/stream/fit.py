@@ -240,13 +240,22 @@ FITTERS: dict[str, type[StreamFit]] = {"Mahalanobis": MahalanobisFit, "ViM": ViM
                                        "ReAct": ReActFit, "RGAdditive": RGAdditiveFit, "KNN": KNNFit}
 
 
+#: Detectors whose fit needs the model on every pass: streamed from the input batches, not from signal shards.
+MODEL_FITS = ("LowDimGradient",)
+
+
 def _fitter_for(detector: Any, shards: ShardedSignals) -> StreamFit | None:
     name = type(detector).__name__
     if name in FITTERS:
         return FITTERS[name](detector, shards)
+    if name in MODEL_FITS:
+        raise ConfigError(f"{detector.label} fits by passes that run the model (per-sample gradients), not from "
+                          "signal shards: stream it from the input data with stream.fit_from_data(detector, probe, "
+                          "data) (or distributed.fit_from_data on Ray), then score it from shards as usual.")
     if detector._needs_fit():
         raise ConfigError(f"{detector.label} cannot be fitted from shards yet (streamable fits: "
-                          f"{', '.join(sorted(FITTERS))}); fit it in memory with .fit(signals).")
+                          f"{', '.join(sorted(FITTERS))}; from the input data with stream.fit_from_data: "
+                          f"{', '.join(MODEL_FITS)}); fit it in memory with .fit(signals).")
     return None
 
 
@@ -270,6 +279,78 @@ def fit_streaming(detector: Any, shards: ShardedSignals, *, map_shards: MapShard
         fitter.finish()
     detector.fitted_ = True
     return detector
+
+
+def block_ranges(n_batches: int, splits: int | None, block_batches: int = 16) -> list[tuple[int, int]]:
+    """Consecutive batch ranges ``[b0, b1)`` whose partial sums a model-based fit merges in order: ``splits``
+    near-equal blocks, or (None) one per ``block_batches`` batches -- never a function of the number of workers,
+    so neither is the fitted state."""
+    if n_batches < 1:
+        raise InputError("the fit data has no batches.")
+    if splits is None:
+        splits = -(-n_batches // block_batches)
+    if splits < 1:
+        raise ConfigError(f"splits must be >= 1, got {splits}.")
+    parts = np.array_split(np.arange(n_batches), min(splits, n_batches))
+    return [(int(p[0]), int(p[-1]) + 1) for p in parts]
+
+
+def _model_fit_source(detector: Any, data: Any, batch_size: int) -> tuple[Any, Any]:
+    """The detector's fit batches (its seeded ``n_fit`` subset of ``data``) as a BatchSource, and the indices."""
+    from .._batches import BatchSource
+    from ..detectors.lowdim import fit_indices
+
+    if type(detector).__name__ not in MODEL_FITS:
+        raise ConfigError(f"fit_from_data streams the fits that run the model on every pass ({', '.join(MODEL_FITS)}); "
+                          f"for {detector.label} extract its signals with stream.extract_to_shards and fit with "
+                          "stream.fit_streaming (or fit it in memory).")
+    source = BatchSource(data, batch_size=batch_size)
+    n = source.num_samples
+    if n is None:
+        raise InputError("fit_from_data needs data of known length (arrays, a (inputs, labels) tuple, a map-style "
+                         "Dataset or a DataLoader over one).")
+    idx = fit_indices(n, detector.n_fit, detector.seed)
+    if idx is None:
+        return source, None
+    sub = source.subset(idx.tolist())
+    if sub is None:
+        raise InputError(f"n_fit={detector.n_fit} < {n} samples needs indexable data (arrays or a map-style Dataset) "
+                         "to draw the seeded subset: pass one, or n_fit=None.")
+    return sub, idx
+
+
+def fit_from_data(detector: Any, probe: Any, data: Any, *, batch_size: int = 256, splits: int | None = None,
+                  progress: bool = True) -> Any:
+    """Fit a detector whose fit runs the model on every pass (``lowdim``: the PCA of per-sample gradients by
+    power iterations) from ``data`` in batches, with memory bounded by its sketch, not by the number of samples.
+
+    Each pass is computed as partial sums over ``splits`` consecutive blocks of batches (default one per 16
+    batches), merged in data order (:mod:`gradood.detectors.lowdim`: moments, ``G^T Y`` and the R factor of Y);
+    :func:`gradood.distributed.fit_from_data` computes the same blocks on a Ray actor pool. The head is then
+    fitted on the fit samples' K-dim projections (N x K, the state a KNN head keeps anyway). Score from shards
+    as any detector: ``score_streaming(det, extract_to_shards(probe, test, det.requests(), folder))``."""
+    import itertools
+
+    from tqdm.auto import tqdm
+
+    from ..detectors.lowdim import merge_in_order, subspace_block
+    from ..signals import Signals
+
+    source, _ = _model_fit_source(detector, data, batch_size)
+    blocks = block_ranges(source.num_batches, splits)
+
+    def run(spec):
+        batches = iter(tqdm(source.iter_batches(), total=source.num_batches, desc=spec.desc, leave=False,
+                            disable=None if progress else True))
+        return merge_in_order(subspace_block(spec, probe, itertools.islice(batches, b1 - b0), first_batch=b0)
+                              for b0, b1 in blocks)
+
+    def fit_signals(requests):
+        s = Signals(source=source, probe=probe, name="lowdim fit", progress=progress)
+        s.require(requests)
+        return s
+
+    return detector.fit_from_passes(probe, run, fit_signals)
 
 
 def score_streaming(detector: Any, shards: ShardedSignals) -> np.ndarray:
@@ -317,4 +398,5 @@ def streamable() -> list[str]:
     return [n for n in available() if type(create(n)).__name__ in FITTERS or not create(n)._needs_fit()]
 
 
-__all__: Sequence[str] = ["fit_streaming", "score_streaming", "streamable", "StreamFit", "FITTERS"]
+__all__: Sequence[str] = ["fit_streaming", "fit_from_data", "score_streaming", "streamable", "StreamFit", "FITTERS",
+                          "MODEL_FITS"]
