@@ -8,6 +8,7 @@ scoring on the cluster. Optional: ``pip install gradood[ray]``; nothing else in 
     fit = distributed.extract_to_shards(probe, (x, y), det.fit_requests(), "shards/fit", workers=4,
                                         gpus_per_worker=1)    # Ray Data map_batches over an actor pool
     distributed.fit(det, fit)                                 # per-shard statistics as Ray tasks, merged in order
+    distributed.fit_from_data(lowdim, probe, (x, y), workers=4) # lowdim: each pass's partial sums on the actors
     scores = distributed.score(det, distributed.extract_to_shards(probe, x_test, det.requests(), "shards/test"))
 
 Extraction runs ``map_batches`` over the batch indices with one actor per worker; each actor holds the model
@@ -267,6 +268,119 @@ def score(detector: Any, shards: Any) -> np.ndarray:
     task = ray.remote(num_cpus=1, max_retries=RETRIES)(_remote_score)
     ref = ray.put(detector)
     return np.concatenate(ray.get([task.remote(ref, str(shards.folder), i) for i in range(len(shards.shards))]))
+
+
+# ---------------------------------------------------------------------- fits that run the model on every pass
+class ModelActor:
+    """Holds the model and the fit data; computes one pass's partial sums over a block of consecutive batches
+    (:func:`gradood.detectors.lowdim.subspace_block`), or the rows of some requests for a block."""
+
+    def __init__(self, model: torch.nn.Module, probe_kwargs: dict[str, Any], data_ref: Any, batch_size: int) -> None:
+        import ray
+
+        from .probe import Probe
+
+        torch.set_num_threads(1)  # one core per actor: the pool is the parallelism
+        device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+        self.probe = Probe(model.to(device).eval(), **probe_kwargs)
+        self.data = ray.get(data_ref) if isinstance(data_ref, ray.ObjectRef) else data_ref
+        self.batch_size = batch_size
+
+    def _source(self, b0: int, b1: int):
+        from torch.utils.data import Subset
+
+        from ._batches import BatchSource
+
+        x, y = self.data
+        lo, hi = b0 * self.batch_size, min(b1 * self.batch_size, len(x))
+        if isinstance(x, np.ndarray):
+            part = (torch.from_numpy(np.array(x[lo:hi])), None if y is None else torch.from_numpy(np.array(y[lo:hi])))
+        else:  # a map-style Dataset
+            part = Subset(x, range(lo, hi))
+        return BatchSource(part, batch_size=self.batch_size)
+
+    def block(self, spec: Any, b0: int, b1: int) -> Any:
+        from .detectors.lowdim import subspace_block
+
+        return subspace_block(spec, self.probe, self._source(b0, b1).iter_batches(), first_batch=b0)
+
+    def rows(self, requests: Sequence[Request], b0: int, b1: int) -> tuple[dict[str, torch.Tensor], Any]:
+        from .signals import compute_requests
+
+        taps = sorted({t for r in requests for t in r.taps})
+        out: dict[str, list[torch.Tensor]] = {r.key: [] for r in requests}
+        labels: list[Any] = []
+        for j, (x, y) in enumerate(self._source(b0, b1).iter_batches()):
+            values = compute_requests(self.probe, x, y, requests, b0 + j, taps)
+            labels.append(y)
+            for k, v in values.items():
+                out[k].append(v)
+        y = None if any(v is None for v in labels) else torch.cat([v.long().view(-1) for v in labels])
+        return {k: torch.cat(v) for k, v in out.items()}, y
+
+
+def _take(data: Any, idx: np.ndarray | None) -> Any:
+    """``data`` restricted to the sample indices ``idx`` (arrays are sliced, a Dataset wrapped in a Subset)."""
+    from torch.utils.data import Dataset, Subset
+
+    if idx is None:
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (int, float)):
+        return tuple(None if d is None else _take(d, idx) for d in data)
+    if isinstance(data, Dataset):
+        return Subset(data, idx.tolist())
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        return data[torch.as_tensor(idx) if isinstance(data, torch.Tensor) else idx]
+    raise InputError(f"the Ray backend reads in-memory arrays, a (inputs, labels) tuple of them, or a map-style "
+                     f"Dataset; got {type(data).__name__}.")
+
+
+def fit_from_data(detector: Any, probe: Any, data: Any, *, workers: int = 2, gpus_per_worker: float = 0,
+                  batch_size: int = 256, splits: int | None = None) -> Any:
+    """:func:`gradood.stream.fit_from_data` on a pool of ``workers`` Ray actors that each hold the model (and
+    a GPU when ``gpus_per_worker > 0``): every pass of the low-dimensional gradients' subspace fit is computed as
+    partial sums over consecutive blocks of batches (``splits``; default one per 16 batches, not a function of
+    ``workers``), one block per actor task; the driver merges them in data order and does the QR between
+    passes. Equal to the single-process streamed fit with the same ``splits`` (the same partials, merged in the
+    same order), and to the in-memory fit to float64 round-off. The pool then computes the fit samples'
+    projections for the head. Returns the detector."""
+    from ray.util import ActorPool
+
+    from .detectors.lowdim import merge_in_order
+    from .signals import Signals
+    from .stream.fit import _model_fit_source, block_ranges
+
+    ray = _ray()
+    init(None) if not ray.is_initialized() else None
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}.")
+    source, idx = _model_fit_source(detector, data, batch_size)
+    blocks = block_ranges(source.num_batches, splits)
+    ref, _ = _data_ref(_take(data, idx))
+    actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker or 0, max_restarts=RETRIES,
+                       max_task_retries=RETRIES)(ModelActor)
+    actors = [actor.remote(probe.model, _probe_kwargs(probe), ref, batch_size) for _ in range(min(workers, len(blocks)))]
+    pool = ActorPool(actors)
+
+    def run(spec):
+        spec_ref = ray.put(spec)  # the P x K directions go to the object store once per pass
+        return merge_in_order(pool.map(lambda a, blk: a.block.remote(spec_ref, *blk), blocks))
+
+    def fit_signals(requests):
+        if probe.head_name is None:  # the head, for the class count and the model contract
+            for x, _ in source.iter_batches():
+                probe.forward(x, batch_index=0)
+                break
+        parts = list(pool.map(lambda a, blk: a.rows.remote(requests, *blk), blocks))
+        labels = None if any(y is None for _, y in parts) else torch.cat([y for _, y in parts])
+        tensors = {r.key: torch.cat([p[r.key] for p, _ in parts]) for r in requests}
+        return Signals(tensors=tensors, labels=labels, probe=probe, name="lowdim fit", progress=False)
+
+    try:
+        return detector.fit_from_passes(probe, run, fit_signals)
+    finally:
+        for a in actors:
+            ray.kill(a)
 
 
 class RayExecutor:
