@@ -61,7 +61,7 @@ def setup():
     x, y = make_inputs(N, 6, seed=8, dtype=F64), make_labels(N, C, seed=9)
     x_test = torch.cat([make_inputs(15, 6, seed=10, dtype=F64), make_inputs(10, 6, seed=11, dtype=F64, scale=4.0)])
     Z = normalised(energy_grads(model, x))
-    return dict(model=model, x=x, y=y, x_test=x_test, Z=Z, Z_test=None)
+    return dict(model=model, x=x, y=y, x_test=x_test, Z=Z)
 
 
 def _in_memory(setup, name="lowdim", batch_size=BS, **kw):

@@ -359,7 +359,8 @@ def fit_from_data(detector: Any, probe: Any, data: Any, *, workers: int = 2, gpu
     ref, _ = _data_ref(_take(data, idx))
     actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker or 0, max_restarts=RETRIES,
                        max_task_retries=RETRIES)(ModelActor)
-    actors = [actor.remote(probe.model, _probe_kwargs(probe), ref, batch_size) for _ in range(min(workers, len(blocks)))]
+    actors = [actor.remote(probe.model, _probe_kwargs(probe), ref, batch_size)
+              for _ in range(min(workers, len(blocks)))]
     pool = ActorPool(actors)
 
     def run(spec):

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._batches import num_rows
 from ..errors import ConfigError, InputError
 from ..grads import GradBasis, GradMoments, grad_moments, per_sample_grad_projections, weighted_grad_sums
 from ..signals import FEATURES, LOGITS, ProbeBatch, Request, Signals
@@ -369,9 +368,10 @@ def _power_iteration(run: Any, mu: dict, inv: dict, k: int, iters: int, seed: in
                             desc=f"lowdim: Z^T Z W ({it + 1}/{iters + 1})")
         s: SketchSums = run(spec)
         del spec
-        R = s.qr.r()
-        ZtY = (_flat(s.sums, k) - mu_f[:, None] * s.ysum[None, :]) * inv_f[:, None]
-        del s
+        R, ysum = s.qr.r(), s.ysum
+        ZtY = _flat(s.sums, k)
+        del s  # in place from here: a few P x K matrices at most
+        ZtY.sub_(mu_f[:, None] * ysum[None, :]).mul_(inv_f[:, None])
         ZtQ = torch.linalg.solve_triangular(_invertible(R), ZtY, upper=True, left=False)
         del ZtY
         W = torch.linalg.qr(ZtQ)[0] if it < iters else ZtQ

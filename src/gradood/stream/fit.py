@@ -334,7 +334,6 @@ def fit_from_data(detector: Any, probe: Any, data: Any, *, batch_size: int = 256
     from tqdm.auto import tqdm
 
     from ..detectors.lowdim import merge_in_order, subspace_block
-    from ..signals import Signals
 
     source, _ = _model_fit_source(detector, data, batch_size)
     blocks = block_ranges(source.num_batches, splits)
