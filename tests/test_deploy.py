@@ -53,6 +53,8 @@ def _fitted(name: str, model, data):
 def test_every_registered_detector_round_trips_bit_identically(name, data, tmp_path):
     if name == "mc-dropout":
         pytest.skip("needs a model with dropout; its round trip is in test_detectors_gradfamily.py")
+    if name == "bats-fm":
+        pytest.skip("needs a model with BatchNorm; its round trip is in test_detectors_new_feature_maps.py")
     model = _model()
     det = _fitted(name, model, data)
     s = det.score(_signals(model, data["test"], "test"))

@@ -326,7 +326,10 @@ def test_embedding_layer_choice(bert):
 FAST = {"temperatures": (1.0, 10.0), "epsilons": (0.0, 0.01), "k_dims": 3, "power_iters": 1, "probe_epochs": 1}
 #: detectors that cannot run on token inputs, and the words of their error
 CANNOT = {"fssd": "FSSD needs image-like inputs", "fssd-lr": "FSSD needs image-like inputs",
-          "fssd-lr-eps": "FSSD needs image-like inputs", "ash-fm": "no activation layer with a feature-map output"}
+          "fssd-lr-eps": "FSSD needs image-like inputs", "ash-fm": "no activation layer with a feature-map output",
+          "rankfeat": "no activation layer with a feature-map output",
+          "scale-fm": "no activation layer with a feature-map output", "bats-fm": "no affine BatchNorm layer",
+          "gaia-z": "no BatchNorm layer and no activation with a feature-map input"}
 
 
 @pytest.fixture(scope="module")

@@ -98,3 +98,5 @@ TEMPERATURE_SCALING = Citation(("Guo", "Pleiss", "Sun", "Weinberger"), "On Calib
                                "ICML", 2017, "https://arxiv.org/abs/1706.04599")
 VOS = Citation(("Du", "Wang", "Cai", "Li"), "VOS: Learning What You Don't Know by Virtual Outlier Synthesis",
                "ICLR", 2022, "https://arxiv.org/abs/2202.01197")
+RANKFEAT = Citation(("Song", "Sebe", "Wang"), "RankFeat: Rank-1 Feature Removal for Out-of-distribution Detection",
+                    "NeurIPS", 2022, "https://arxiv.org/abs/2209.08590")

@@ -147,6 +147,9 @@ class DICE(Detector):
     linear interpolation). Score: energy of the sparsified head ``LSE((M * W) h + b)``; higher = more ID.
     Inputs: penultimate features, head weight/bias. Fitted state: ``mean_features_``, ``mask_``.
     Hyperparameters: ``sparsity`` p in [0, 100) (90, the paper's CIFAR value; 70 for ImageNet).
+    DICE has no feature-map form (there is no ``dice-fm``): the paper ranks the weight x mean-activation
+    contributions of the final fully connected layer only, and a mask on a convolution's kernels by some
+    contribution rule would be an invention, not the paper's method.
     """
 
     paper = "Sun & Li, DICE: Leveraging Sparsification for Out-of-Distribution Detection, ECCV 2022"
