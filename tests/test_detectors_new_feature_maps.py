@@ -12,7 +12,7 @@ from scipy.special import logsumexp
 from torch import nn
 
 import gradood
-from conftest import BNCNN, MLP, SmallCNN, make_inputs, probe_signals, seeded
+from conftest import BNCNN, MLP, SmallCNN, count_forward_passes, make_inputs, probe_signals, seeded
 from gradood.detectors.feature_map import remove_rank1, scale_map
 from gradood.detectors.shaping import ash
 
@@ -504,3 +504,18 @@ def test_gaia_z_bad_inputs():
 def test_new_detectors_fit_nothing_from_the_data(name):
     """The layer choice needs one batch of the probe, not a pass over the fit data."""
     assert gradood.create(name).fit_requests() == []
+
+
+@pytest.mark.parametrize("name,runs", [("rankfeat", 2), ("scale-fm", 1), ("bats-fm", 1)])
+def test_feature_map_signals_cost_their_runs_per_batch_once_and_are_cached(monkeypatch, name, runs):
+    """Each is one request of the shared pass: per batch the shared forward plus one modified forward per
+    layer (RankFeat's default fuses two), and a second score reads the cached signal."""
+    model = seeded(TwoBNCNN, 6, torch.float64)
+    fit = probe_signals(model, make_inputs(4, 2, 6, 6, seed=1, dtype=torch.float64), batch_size=4)
+    det = gradood.create(name, **({"layers": ["act1", "act2"]} if name == "rankfeat" else {})).fit(fit)
+    test = probe_signals(model, make_inputs(10, 2, 6, 6, seed=2, dtype=torch.float64), batch_size=4)
+    calls = count_forward_passes(monkeypatch)
+    first = det.score(test)
+    assert calls["n"] == 3 * (1 + runs)  # 3 batches
+    np.testing.assert_array_equal(det.score(test), first)
+    assert calls["n"] == 3 * (1 + runs)

@@ -145,9 +145,10 @@ def _power_rank1(x: torch.Tensor, iterations: int) -> torch.Tensor:
     ``v = norm(u X)``, ``u = norm(X v)`` repeated, ``sigma = u X v`` (norms with the official +1e-10). The start
     vector ``u`` (shared by the batch, as in the official code) is drawn from N(0, 1) with a fixed seed (0)."""
     b, c, _ = x.shape
+    if iterations < 1:
+        raise ConfigError(f"rankfeat power iteration needs iterations >= 1, got {iterations}.")
     g = torch.Generator().manual_seed(0)
     u = torch.randn(c, generator=g, dtype=torch.float64).to(x.device, x.dtype).reshape(1, 1, c).expand(b, 1, c)
-    v = x.new_zeros(b, x.shape[2], 1)
     for _ in range(iterations):
         v = u @ x
         v = (v / (v.norm(dim=2, keepdim=True) + 1e-10)).transpose(1, 2)
