@@ -267,6 +267,7 @@ def merge_in_order(parts: Any) -> Any:
     out = None
     for p in parts:
         out = p if out is None else out.merge(p)
+        del p  # else the merged part stays alive while the next one is computed
     if out is None:
         raise InputError("the lowdim fit data has no batches.")
     return out
