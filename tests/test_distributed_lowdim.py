@@ -54,6 +54,23 @@ def test_lowdim_fit_on_ray_equals_the_streamed_and_in_memory_fits(tmp_path):
     np.testing.assert_allclose(_flat(on_ray), _flat(stream.fit_from_data(
         gradood.create("lowdim-pca-energy", **kw), probe, (x, y), batch_size=16, splits=1, progress=False)),
         rtol=0, atol=1e-12)
+    # mahalanobis-ensemble: per-layer class moments per block on the actors (the LR on in-memory validation data)
+    from conftest import SmallCNN
+
+    cnn = seeded(SmallCNN, 1, torch.float64, logit_scale=3.0)
+    xc, yc = make_inputs(96, 2, 5, 5, seed=3, dtype=torch.float64), make_labels(96, 4, seed=4)
+    val = gradood.Probe(cnn).signals(make_inputs(30, 2, 5, 5, seed=7, dtype=torch.float64), batch_size=16,
+                                     progress=False)
+    ood = gradood.Probe(cnn).signals(make_inputs(30, 2, 5, 5, seed=5, dtype=torch.float64, scale=3.0),
+                                     batch_size=16, progress=False)
+    ens_ray = distributed.fit_from_data(gradood.create("mahalanobis-ensemble"), gradood.Probe(cnn), (xc, yc),
+                                        workers=2, batch_size=16, splits=3, id_val=val, ood_val=ood)
+    ens_local = stream.fit_from_data(gradood.create("mahalanobis-ensemble"), gradood.Probe(cnn), (xc, yc),
+                                     batch_size=16, splits=3, id_val=val, ood_val=ood, progress=False)
+    for g_ray, g_local in zip(ens_ray.gaussians_, ens_local.gaussians_):
+        assert torch.equal(g_ray.means, g_local.means) and torch.equal(g_ray.precision, g_local.precision)
+    np.testing.assert_array_equal(ens_ray.score(ood), ens_local.score(ood))
+
     shards = distributed.extract_to_shards(gradood.Probe(model), x_test, on_ray.requests(), tmp_path / "test",
                                            workers=2, batch_size=8, shard_rows=12)
     scores = distributed.score(on_ray, shards)

@@ -183,3 +183,53 @@ def test_streamed_fit_refuses_unlabelled_data_for_class_statistics(setup):
     with pytest.raises(gradood.InputError, match="labels"):
         stream.fit_from_data(gradood.create("lowdim-pca-energy", k_dims=K), gradood.Probe(setup["model"]),
                              setup["x"], batch_size=BS, progress=False)
+
+
+# ---------------------------------------------------------------------- the layer ensembles (issue 11, part 2)
+@pytest.fixture(scope="module")
+def cnn_data():
+    from conftest import SmallCNN
+
+    model = seeded(SmallCNN, 1, F64, logit_scale=3.0)
+    x, y = make_inputs(120, 2, 5, 5, seed=3, dtype=F64), make_labels(120, 4, seed=4)
+    ood = make_inputs(40, 2, 5, 5, seed=5, dtype=F64, scale=3.0)
+    x_test = torch.cat([make_inputs(30, 2, 5, 5, seed=6, dtype=F64), ood[:20]])
+    return model, x, y, ood, x_test
+
+
+@pytest.mark.parametrize("name,kw", [("mahalanobis-ensemble", dict(combine="mean-z", eps=0.01)),
+                                     ("mahalanobis-ensemble", dict(combine="lr")),
+                                     ("fssd", dict(n_noise=8)),
+                                     ("fssd-lr", dict(n_noise=8))])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_streamed_layer_ensembles_equal_the_in_memory_fit(cnn_data, name, kw, splits):
+    model, x, y, ood, x_test = cnn_data
+    probe = gradood.Probe(model)
+    ood_val = probe.signals(ood, batch_size=BS, progress=False)
+    mem = gradood.create(name, **kw).fit(probe.signals((x, y), batch_size=BS, progress=False), ood_val=ood_val)
+    got = stream.fit_from_data(gradood.create(name, **kw), probe, (x, y), batch_size=BS, splits=splits,
+                               progress=False, ood_val=ood_val)
+    if name.startswith("mahalanobis"):
+        # the per-layer Gaussians against numpy on the explicit spatially averaged activations
+        for layer, g_mem, g in zip(mem.layers_, mem.gaussians_, got.gaussians_):
+            f = probe.signals((x, y), batch_size=BS, progress=False).get(gradood.Tap(layer, "mean")).numpy()
+            means = np.stack([f[y.numpy() == c].mean(0) for c in range(4)])
+            np.testing.assert_allclose(g.means, means, rtol=1e-10, atol=1e-12)
+            cen = f - means[y.numpy()]
+            np.testing.assert_allclose(g.precision, np.linalg.pinv(cen.T @ cen / len(f), hermitian=True), rtol=1e-7,
+                                       atol=1e-8)
+            np.testing.assert_allclose(g.precision, g_mem.precision, rtol=1e-8, atol=1e-9)
+    test = probe.signals(x_test, batch_size=BS, progress=False)
+    np.testing.assert_allclose(got.score(test), mem.score(test), rtol=1e-7, atol=1e-8)
+
+
+def test_streamed_mahalanobis_ensemble_checks_labels_and_tuning_data(cnn_data):
+    model, x, y, ood, _ = cnn_data
+    probe = gradood.Probe(model)
+    with pytest.raises(gradood.TuningDataError, match="ood_val"):
+        stream.fit_from_data(gradood.create("mahalanobis-ensemble"), probe, (x, y), progress=False)
+    bad = y.clone()
+    bad[50] = 9  # the model has 4 classes
+    with pytest.raises(gradood.InputError, match="labels up to 9"):
+        stream.fit_from_data(gradood.create("mahalanobis-ensemble", combine="mean-z"), probe, (x, bad),
+                             batch_size=BS, progress=False)

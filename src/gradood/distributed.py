@@ -304,6 +304,12 @@ class ModelActor:
 
         return subspace_block(spec, self.probe, self._source(b0, b1).iter_batches(), first_batch=b0)
 
+    def class_moments(self, requests: Sequence[Request], b0: int, b1: int, who: str, n_classes: int | None) -> Any:
+        from .stream.fit import block_class_moments
+
+        return block_class_moments(self.probe, requests, self._source(b0, b1).iter_batches(), first_batch=b0,
+                                   who=who, n_classes=n_classes)
+
     def rows(self, requests: Sequence[Request], b0: int, b1: int) -> tuple[dict[str, torch.Tensor], Any]:
         from .signals import compute_requests
 
@@ -336,19 +342,20 @@ def _take(data: Any, idx: np.ndarray | None) -> Any:
 
 
 def fit_from_data(detector: Any, probe: Any, data: Any, *, workers: int = 2, gpus_per_worker: float = 0,
-                  batch_size: int = 256, splits: int | None = None) -> Any:
+                  batch_size: int = 256, splits: int | None = None, ood_val: Any = None, id_val: Any = None) -> Any:
     """:func:`gradood.stream.fit_from_data` on a pool of ``workers`` Ray actors that each hold the model (and
-    a GPU when ``gpus_per_worker > 0``): every pass of the low-dimensional gradients' subspace fit is computed as
-    partial sums over consecutive blocks of batches (``splits``; default one per 16 batches, not a function of
-    ``workers``), one block per actor task; the driver merges them in data order and does the QR between
-    passes. Equal to the single-process streamed fit with the same ``splits`` (the same partials, merged in the
-    same order), and to the in-memory fit to float64 round-off. The pool then computes the fit samples'
-    projections for the head. Returns the detector."""
+    a GPU when ``gpus_per_worker > 0``): every pass of the low-dimensional gradients' subspace fit (or the
+    per-layer class moments of ``mahalanobis-ensemble``) is computed as partial sums over consecutive blocks of
+    batches (``splits``; default one per 16 batches, not a function of ``workers``), one block per actor task;
+    the driver merges them in data order and does the QR between passes. Equal to the single-process streamed
+    fit with the same ``splits`` (the same partials, merged in the same order), and to the in-memory fit to
+    float64 round-off. The lowdim head's projections come from the same pool; the ensembles' per-layer scores
+    (and ``fssd``'s whole fit) from the Ray signal extraction (:class:`RayExecutor`). Returns the detector."""
     from ray.util import ActorPool
 
     from .detectors.lowdim import merge_in_order
     from .signals import Signals
-    from .stream.fit import _model_fit_source, block_ranges
+    from .stream.fit import _model_fit_source, block_ranges, fit_layer_ensemble, merge_moment_lists
 
     ray = _ray()
     init(None) if not ray.is_initialized() else None
@@ -356,6 +363,11 @@ def fit_from_data(detector: Any, probe: Any, data: Any, *, workers: int = 2, gpu
         raise ConfigError(f"workers must be >= 1, got {workers}.")
     source, idx = _model_fit_source(detector, data, batch_size)
     blocks = block_ranges(source.num_batches, splits)
+    if type(detector).__name__ != "LowDimGradient":
+        fit = Signals(source=source, probe=probe, name="fit", progress=False)
+        fit.executor = RayExecutor(workers, gpus_per_worker)
+        if type(detector).__name__ == "FSSD":  # no class statistics: no pool of our own
+            return fit_layer_ensemble(detector, fit, lambda *a: [], ood_val=ood_val, id_val=id_val)
     ref, _ = _data_ref(_take(data, idx))
     actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker or 0, max_restarts=RETRIES,
                        max_task_retries=RETRIES)(ModelActor)
@@ -366,6 +378,23 @@ def fit_from_data(detector: Any, probe: Any, data: Any, *, workers: int = 2, gpu
     def run(spec):
         spec_ref = ray.put(spec)  # the P x K directions go to the object store once per pass
         return merge_in_order(pool.map(lambda a, blk: a.block.remote(spec_ref, *blk), blocks))
+
+    def kill_pool() -> None:
+        for a in actors:
+            ray.kill(a)
+
+    if type(detector).__name__ != "LowDimGradient":
+        def class_moments(requests, n_classes):
+            try:
+                return merge_moment_lists(pool.map(lambda a, blk: a.class_moments.remote(
+                    requests, *blk, detector.label, n_classes), blocks))
+            finally:  # free the CPUs before the per-layer scores are extracted on Ray Data's own actors
+                kill_pool()
+
+        try:
+            return fit_layer_ensemble(detector, fit, class_moments, ood_val=ood_val, id_val=id_val)
+        finally:
+            kill_pool()
 
     def fit_signals(requests):
         if probe.head_name is None:  # the head, for the class count and the model contract
@@ -380,8 +409,7 @@ def fit_from_data(detector: Any, probe: Any, data: Any, *, workers: int = 2, gpu
     try:
         return detector.fit_from_passes(probe, run, fit_signals)
     finally:
-        for a in actors:
-            ray.kill(a)
+        kill_pool()
 
 
 class RayExecutor:

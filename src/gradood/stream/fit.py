@@ -11,6 +11,13 @@ the origin, then the mean residual norm), ``klmatching`` (per-class softmax sums
 percentile by radix selection on the values' bits), ``rg-additive`` (moments of the seeded subset), ``knn``
 (a normalised bank written as shards and searched shard by shard). Detectors without fitted state (MSP,
 Energy, GradNorm, ...) need nothing. Other fitted detectors raise a ConfigError naming these.
+
+Fits that run the model on every pass (``MODEL_FITS``: ``lowdim`` and its variants, the PCA of per-sample
+gradients by power iterations, or the per-class mean gradients) stream from the input batches instead of signal
+shards: :func:`fit_from_data` computes each pass as partial sums over consecutive blocks of batches (moments;
+per-class sums; ``G^T Y``, ``1^T Y`` and the R factor of ``Y = Z W``) merged in data order, with memory bounded
+by a few P x K sketches, not by N; :func:`gradood.distributed.fit_from_data` computes the blocks on a Ray actor
+pool. They score from shards like the others (their projections are a per-batch request).
 """
 
 from __future__ import annotations
@@ -241,7 +248,7 @@ FITTERS: dict[str, type[StreamFit]] = {"Mahalanobis": MahalanobisFit, "ViM": ViM
 
 
 #: Detectors whose fit needs the model on every pass: streamed from the input batches, not from signal shards.
-MODEL_FITS = ("LowDimGradient",)
+MODEL_FITS = ("LowDimGradient", "MahalanobisEnsemble", "FSSD")
 
 
 def _fitter_for(detector: Any, shards: ShardedSignals) -> StreamFit | None:
@@ -249,9 +256,10 @@ def _fitter_for(detector: Any, shards: ShardedSignals) -> StreamFit | None:
     if name in FITTERS:
         return FITTERS[name](detector, shards)
     if name in MODEL_FITS:
-        raise ConfigError(f"{detector.label} fits by passes that run the model (per-sample gradients), not from "
-                          "signal shards: stream it from the input data with stream.fit_from_data(detector, probe, "
-                          "data) (or distributed.fit_from_data on Ray), then score it from shards as usual.")
+        raise ConfigError(f"{detector.label} cannot be fitted from shards yet: its fit runs the model on every pass "
+                          "(per-sample gradients, per-layer activations), so stream it from the input data with "
+                          "stream.fit_from_data(detector, probe, data) (or distributed.fit_from_data on Ray), then "
+                          f"score it from shards as usual. Streamable from shards: {', '.join(sorted(FITTERS))}.")
     if detector._needs_fit():
         raise ConfigError(f"{detector.label} cannot be fitted from shards yet (streamable fits: "
                           f"{', '.join(sorted(FITTERS))}; from the input data with stream.fit_from_data: "
@@ -309,7 +317,7 @@ def _model_fit_source(detector: Any, data: Any, batch_size: int) -> tuple[Any, A
     if n is None:
         raise InputError("fit_from_data needs data of known length (arrays, a (inputs, labels) tuple, a map-style "
                          "Dataset or a DataLoader over one).")
-    idx = fit_indices(n, detector.n_fit, detector.seed)
+    idx = fit_indices(n, getattr(detector, "n_fit", None), getattr(detector, "seed", 0))
     if idx is None:
         return source, None
     sub = source.subset(idx.tolist())
@@ -320,36 +328,133 @@ def _model_fit_source(detector: Any, data: Any, batch_size: int) -> tuple[Any, A
 
 
 def fit_from_data(detector: Any, probe: Any, data: Any, *, batch_size: int = 256, splits: int | None = None,
-                  progress: bool = True) -> Any:
-    """Fit a detector whose fit runs the model on every pass (``lowdim``: the PCA of per-sample gradients by
-    power iterations) from ``data`` in batches, with memory bounded by its sketch, not by the number of samples.
+                  progress: bool = True, ood_val: Signals | None = None, id_val: Signals | None = None) -> Any:
+    """Fit a detector whose fit runs the model on every pass (``MODEL_FITS``) from ``data`` in batches, with
+    memory bounded by its statistics, not by the number of samples; returns the detector.
 
-    Each pass is computed as partial sums over ``splits`` consecutive blocks of batches (default one per 16
-    batches), merged in data order (:mod:`gradood.detectors.lowdim`: moments, ``G^T Y`` and the R factor of Y);
-    :func:`gradood.distributed.fit_from_data` computes the same blocks on a Ray actor pool. The head is then
-    fitted on the fit samples' K-dim projections (N x K, the state a KNN head keeps anyway). Score from shards
+    * ``lowdim`` (the PCA of per-sample gradients by power iterations, or per-class mean gradients): each pass
+      is computed as partial sums over ``splits`` consecutive blocks of batches (default one per 16 batches),
+      merged in data order (:mod:`gradood.detectors.lowdim`: moments, ``G^T Y`` and the R factor of Y); the
+      head is then fitted on the fit samples' K-dim projections (N x K, the state a KNN head keeps anyway).
+    * ``mahalanobis-ensemble``: per-layer class moments of the spatially averaged activations, per block,
+      merged in order (:class:`~gradood.stream.stats.ClassMoments`: one D x D scatter per layer, not N x D
+      activations); the combiner (mean-z statistics, or the logistic regression on ``id_val`` -- default: the
+      fit data's N x L per-layer scores -- against ``ood_val``) and the eps tuning as in memory.
+    * ``fssd``: its in-memory fit already keeps only the N x L per-layer distances (the singularities come
+      from noise inputs); this runs it on the batches of ``data``.
+
+    :func:`gradood.distributed.fit_from_data` computes the same blocks on a Ray actor pool. Score from shards
     as any detector: ``score_streaming(det, extract_to_shards(probe, test, det.requests(), folder))``."""
     import itertools
 
     from tqdm.auto import tqdm
 
-    from ..detectors.lowdim import merge_in_order, subspace_block
-
     source, _ = _model_fit_source(detector, data, batch_size)
     blocks = block_ranges(source.num_batches, splits)
 
-    def run(spec):
-        batches = iter(tqdm(source.iter_batches(), total=source.num_batches, desc=spec.desc, leave=False,
+    def blocks_of(desc: str):
+        batches = iter(tqdm(source.iter_batches(), total=source.num_batches, desc=desc, leave=False,
                             disable=None if progress else True))
-        return merge_in_order(subspace_block(spec, probe, itertools.islice(batches, b1 - b0), first_batch=b0)
-                              for b0, b1 in blocks)
+        return ((b0, itertools.islice(batches, b1 - b0)) for b0, b1 in blocks)
 
-    def fit_signals(requests):
-        s = Signals(source=source, probe=probe, name="lowdim fit", progress=progress)
+    def fit_signals(requests=()):
+        s = Signals(source=source, probe=probe, name="fit", progress=progress)
         s.require(requests)
         return s
 
-    return detector.fit_from_passes(probe, run, fit_signals)
+    name = type(detector).__name__
+    if name == "LowDimGradient":
+        from ..detectors.lowdim import merge_in_order, subspace_block
+
+        def run(spec):
+            return merge_in_order(subspace_block(spec, probe, batches, first_batch=b0)
+                                  for b0, batches in blocks_of(spec.desc))
+
+        return detector.fit_from_passes(probe, run, fit_signals)
+
+    def class_moments(requests, n_classes):
+        return merge_moment_lists(block_class_moments(probe, requests, batches, first_batch=b0, who=detector.label,
+                                                      n_classes=n_classes)
+                                  for b0, batches in blocks_of("class moments"))
+
+    return fit_layer_ensemble(detector, fit_signals(), class_moments, ood_val=ood_val, id_val=id_val)
+
+
+def block_class_moments(probe: Any, requests: Sequence[Any], batches: Iterable[Any], *, first_batch: int = 0,
+                        who: str = "the layer ensemble", n_classes: int | None = None) -> list[ClassMoments]:
+    """Per request, the class moments of its rows over ``batches`` (``(x, y)``, labels checked per batch),
+    computed with the probe's model alone: what a worker holding the model runs on its block."""
+    from ..detectors._checks import check_label_values
+    from ..signals import compute_requests
+
+    taps = sorted({t for r in requests for t in r.taps})
+    out: list[ClassMoments] | None = None
+    for j, (x, y) in enumerate(batches):
+        b = first_batch + j
+        if y is None:
+            raise InputError(f"{who} fits class statistics on true labels, but batch {b} of the fit data has none: "
+                             "pass a tuple (inputs, labels), a Dataset or a loader yielding (x, y).")
+        y = y.long().view(-1)
+        check_label_values(y, who, f"batch {b} of the fit data", n_classes)
+        values = compute_requests(probe, x, y, list(requests), b, taps)
+        part = [ClassMoments.of(values[r.key], y) for r in requests]
+        out = part if out is None else [a.merge(p) for a, p in zip(out, part)]
+    if out is None:
+        raise InputError("a block of the fit data has no batches.")
+    return out
+
+
+def merge_moment_lists(parts: Iterable[list[ClassMoments]]) -> list[ClassMoments]:
+    """Merge per-block lists of class moments in block order."""
+    out: list[ClassMoments] | None = None
+    for p in parts:
+        out = p if out is None else [a.merge(b) for a, b in zip(out, p)]
+    if out is None:
+        raise InputError("the fit data has no batches.")
+    return out
+
+
+def fit_layer_ensemble(detector: Any, fit: Signals, class_moments: Callable[..., list[ClassMoments]], *,
+                       ood_val: Signals | None, id_val: Signals | None) -> Any:
+    """``mahalanobis-ensemble`` with its per-layer Gaussians from merged class moments (``class_moments(taps,
+    n_classes)``, labels checked against the model's class count),
+    everything else as :meth:`Detector.fit`; ``fssd`` by :meth:`Detector.fit` on the lazy ``fit`` signals
+    (which keep only its N x L per-layer distances). ``fit`` holds the fit data's batches and the probe."""
+    from ..errors import TuningDataError
+
+    if type(detector).__name__ == "FSSD":
+        return detector.fit(fit, ood_val=ood_val, id_val=id_val)
+    from ..detectors.mahalanobis import TiedGaussian, _warn_if_rank_deficient
+    from ..signals import Tap
+
+    if detector.tunes_on_ood and ood_val is None:
+        raise TuningDataError(f"{detector.label} tunes on OOD validation data, so fit_from_data() needs ood_val=<signals "
+                              f"of an OOD validation split> (and ideally id_val=). Or {detector._untuned_hint()}")
+    fit.warm_up()
+    detector._record_shapes(fit)
+    detector.layers_ = detector._resolve_layers(fit)
+    moments = class_moments([Tap(layer, "mean") for layer in detector.layers_], fit.known_num_classes())
+    gaussians = []
+    for layer, m in zip(detector.layers_, moments):
+        C = max(m.per_class) + 1
+        counts = m.counts(C)
+        if bool((counts == 0).any()):
+            raise InputError(f"the ID fit data has no samples of classes {(counts == 0).nonzero().flatten().tolist()[:10]}: "
+                             "Mahalanobis needs every class's mean. Fit on data covering all classes.")
+        cov = m.tied_covariance()
+        _warn_if_rank_deficient(cov, int(counts.sum()), m.constant_units(), detector.label,
+                                f"{fit.name!r} at layer {layer!r}", C,
+                                f"To avoid it: layers= without {layer!r}, or more fit samples.")
+        gaussians.append(TiedGaussian.from_moments(m.means(C), cov))
+    detector.gaussians_ = tuple(gaussians)
+    detector.eps_ = float(detector.eps)
+    id_v = id_val if id_val is not None else fit
+    if detector.tune_eps:
+        detector.eps_ = detector._select_eps(id_v, ood_val)
+    detector.combiner_ = detector._fit_combiner(detector.eps_, fit, id_v, ood_val)
+    detector._after_fit(fit)
+    detector.fitted_ = True
+    return detector
 
 
 def score_streaming(detector: Any, shards: ShardedSignals) -> np.ndarray:
