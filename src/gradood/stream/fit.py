@@ -12,12 +12,18 @@ percentile by radix selection on the values' bits), ``rg-additive`` (moments of 
 (a normalised bank written as shards and searched shard by shard). Detectors without fitted state (MSP,
 Energy, GradNorm, ...) need nothing. Other fitted detectors raise a ConfigError naming these.
 
-Fits that run the model on every pass (``MODEL_FITS``: ``lowdim`` and its variants, the PCA of per-sample
-gradients by power iterations, or the per-class mean gradients) stream from the input batches instead of signal
-shards: :func:`fit_from_data` computes each pass as partial sums over consecutive blocks of batches (moments;
-per-class sums; ``G^T Y``, ``1^T Y`` and the R factor of ``Y = Z W``) merged in data order, with memory bounded
-by a few P x K sketches, not by N; :func:`gradood.distributed.fit_from_data` computes the blocks on a Ray actor
-pool. They score from shards like the others (their projections are a per-batch request).
+Fits that run the model on every pass (``MODEL_FITS``) stream from the input batches instead of signal shards:
+:func:`fit_from_data` computes each pass as partial sums over consecutive blocks of batches, merged in data
+order, and :func:`gradood.distributed.fit_from_data` computes the same blocks on a Ray actor pool:
+
+* ``lowdim`` and its variants (the PCA of per-sample gradients by power iterations, or the per-class mean
+  gradients): moments; per-class sums; ``G^T Y``, ``1^T Y`` and the R factor of ``Y = Z W`` per power
+  iteration. Memory: a few P x K sketches, not N (plus the head's N x K projections).
+* ``mahalanobis-ensemble``: per-layer class moments of the averaged activations (a D x D scatter per layer,
+  not N x D); the combiner and the eps tuning read N x L per-layer scores, as in memory.
+* ``fssd``: its in-memory fit already keeps only N x L distances; run on the data's batches.
+
+They score from shards like the others (their scores are per-batch requests).
 """
 
 from __future__ import annotations
