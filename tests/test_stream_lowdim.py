@@ -131,6 +131,9 @@ def test_streamed_scores_from_shards_equal_the_in_memory_scores(setup, tmp_path)
                                       progress=False)
     test = probe.signals(setup["x_test"], batch_size=BS, progress=False)
     np.testing.assert_allclose(stream.score_streaming(got, shards), mem.score(test), rtol=1e-6, atol=1e-6)
+    # the streamed fit's state saves and loads like the in-memory one's (no pickle), scores unchanged
+    loaded = gradood.load_detector(got.save(tmp_path / "det"))
+    np.testing.assert_array_equal(loaded.score(test), got.score(test))
 
 
 # ---------------------------------------------------------------------- the mergeable pieces
