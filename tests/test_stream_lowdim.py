@@ -175,6 +175,8 @@ def test_fit_streaming_from_shards_names_fit_from_data(setup, tmp_path):
         stream.fit_streaming(det, shards)
     with pytest.raises(gradood.ConfigError, match="fit_streaming"):
         stream.fit_from_data(gradood.create("mahalanobis"), probe, (setup["x"], setup["y"]))
+    with pytest.raises(gradood.ConfigError, match="no ood_val"):
+        stream.fit_from_data(det, probe, (setup["x"], setup["y"]), ood_val=probe.signals(setup["x_test"]))
 
 
 def test_streamed_fit_refuses_unlabelled_data_for_class_statistics(setup):

@@ -361,7 +361,7 @@ def fit_from_data(detector: Any, probe: Any, data: Any, *, workers: int = 2, gpu
     init(None) if not ray.is_initialized() else None
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}.")
-    source, idx = _model_fit_source(detector, data, batch_size)
+    source, idx = _model_fit_source(detector, data, batch_size, ood_val, id_val)
     blocks = block_ranges(source.num_batches, splits)
     if type(detector).__name__ != "LowDimGradient":
         fit = Signals(source=source, probe=probe, name="fit", progress=False)

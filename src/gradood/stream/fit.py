@@ -309,7 +309,8 @@ def block_ranges(n_batches: int, splits: int | None, block_batches: int = 16) ->
     return [(int(p[0]), int(p[-1]) + 1) for p in parts]
 
 
-def _model_fit_source(detector: Any, data: Any, batch_size: int) -> tuple[Any, Any]:
+def _model_fit_source(detector: Any, data: Any, batch_size: int, ood_val: Any = None, id_val: Any = None
+                      ) -> tuple[Any, Any]:
     """The detector's fit batches (its seeded ``n_fit`` subset of ``data``) as a BatchSource, and the indices."""
     from .._batches import BatchSource
     from ..detectors.lowdim import fit_indices
@@ -318,6 +319,8 @@ def _model_fit_source(detector: Any, data: Any, batch_size: int) -> tuple[Any, A
         raise ConfigError(f"fit_from_data streams the fits that run the model on every pass ({', '.join(MODEL_FITS)}); "
                           f"for {detector.label} extract its signals with stream.extract_to_shards and fit with "
                           "stream.fit_streaming (or fit it in memory).")
+    if type(detector).__name__ == "LowDimGradient" and (ood_val is not None or id_val is not None):
+        raise ConfigError(f"{detector.label} fits on ID data only: it takes no ood_val= or id_val=.")
     source = BatchSource(data, batch_size=batch_size)
     n = source.num_samples
     if n is None:
@@ -355,7 +358,7 @@ def fit_from_data(detector: Any, probe: Any, data: Any, *, batch_size: int = 256
 
     from tqdm.auto import tqdm
 
-    source, _ = _model_fit_source(detector, data, batch_size)
+    source, _ = _model_fit_source(detector, data, batch_size, ood_val, id_val)
     blocks = block_ranges(source.num_batches, splits)
 
     def blocks_of(desc: str):
