@@ -437,8 +437,9 @@ def fit_layer_ensemble(detector: Any, fit: Signals, class_moments: Callable[...,
     from ..signals import Tap
 
     if detector.tunes_on_ood and ood_val is None:
-        raise TuningDataError(f"{detector.label} tunes on OOD validation data, so fit_from_data() needs ood_val=<signals "
-                              f"of an OOD validation split> (and ideally id_val=). Or {detector._untuned_hint()}")
+        raise TuningDataError(f"{detector.label} tunes on OOD validation data, so fit_from_data() needs "
+                              "ood_val=<signals of an OOD validation split> (and ideally id_val=). Or "
+                              f"{detector._untuned_hint()}")
     fit.warm_up()
     detector._record_shapes(fit)
     detector.layers_ = detector._resolve_layers(fit)
@@ -448,7 +449,8 @@ def fit_layer_ensemble(detector: Any, fit: Signals, class_moments: Callable[...,
         C = max(m.per_class) + 1
         counts = m.counts(C)
         if bool((counts == 0).any()):
-            raise InputError(f"the ID fit data has no samples of classes {(counts == 0).nonzero().flatten().tolist()[:10]}: "
+            missing = (counts == 0).nonzero().flatten().tolist()
+            raise InputError(f"the ID fit data has no samples of classes {missing[:10]} at layer {layer!r}: "
                              "Mahalanobis needs every class's mean. Fit on data covering all classes.")
         cov = m.tied_covariance()
         _warn_if_rank_deficient(cov, int(counts.sum()), m.constant_units(), detector.label,
