@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gradood
-from conftest import BNCNN, MLP, make_inputs, make_labels, probe_signals, seeded
+from conftest import BNCNN, MLP, SmallCNN, count_forward_passes, make_inputs, make_labels, probe_signals, seeded
 from gradood.errors import ConfigError, GradoodError
 
 RTOL = 1e-9
@@ -93,57 +93,170 @@ def test_gradunc_refuses_an_unknown_target():
 
 
 # --------------------------------------------------------------------------------------------- GAIA-A
-def _loop_gaia(model, x, layers):
-    """Per sample: sum over layers of the L2 norm of the channel-wise spatial mean of d log p_c_hat / d A_l."""
+class ResBNNet(nn.Module):
+    """``conv1 -> bn1 -> ReLU(inplace) -> conv2 -> bn2 -> (+= the block's input, in place) -> ReLU(inplace) ->
+    pool (AdaptiveAvgPool2d 1) -> flatten -> fc``: the official CIFAR nets' shape (BatchNorm, in-place ReLUs, a
+    residual addition written into the BN output, a pooled pre-head layer as the official WideResNet's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True)
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(3, 4)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.3, 0.3)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.3, 1.2)
+                bn.bias.uniform_(-0.2, 0.2)
+            self.bn2.weight[1] = -0.8
+            self.fc.weight.mul_(3.0)
+
+    def forward(self, x):
+        a = self.act1(self.bn1(self.conv1(x)))
+        b = self.bn2(self.conv2(a))
+        b += a
+        return self.fc(self.pool(self.act2(b)).flatten(1))
+
+
+def _official_gaia_a(model, x, inner, last, inputs_of=False):
+    """The official ``cal_grad_value`` (JGEthanChen/GAIA-OOD, cal_method.py) re-run per sample: ``Grad_all_hook``s
+    (``register_hook`` on the output of every module in ``inner`` -- on its input with ``inputs_of`` -- and of
+    ``last``); ``logsoftmax(y).sum().backward(retain_graph=True)``; the output component
+    ``sqrt(|mean_hw grad(last)|.mean(1))``; then ``before_head_data.sum().backward()`` (the head's input);
+    ``mean((|mean_hw grad(inner)| / output_component)^2)``; returned negated, as the official ``cal_score``."""
     mods = dict(model.named_modules())
     out = []
     for i in range(len(x)):
-        acts = {}
-        hs = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: acts.__setitem__(n, o)) for n in layers]
-        f = model(x[i: i + 1])[0]
+        grads, before_head = {}, {}
+
+        def keep(name):
+            def store(t):
+                t.register_hook(lambda g: grads.__setitem__(name, g.detach()))
+            return store
+
+        hs = [mods[n].register_forward_pre_hook(lambda _m, a, s=keep(n): s(a[0])) if inputs_of
+              else mods[n].register_forward_hook(lambda _m, _i, o, s=keep(n): s(o)) for n in inner]
+        hs.append(mods[last].register_forward_hook(lambda _m, _i, o, s=keep("last"): s(o)))
+        hs.append(model.fc.register_forward_pre_hook(lambda _m, a: before_head.__setitem__("h", a[0])))
+        y = model(x[i: i + 1])
         for h in hs:
             h.remove()
-        logp = torch.log_softmax(f, dim=0)[f.argmax()]
-        grads = torch.autograd.grad(logp, [acts[n] for n in layers])
-        out.append(sum(float(g[0].reshape(g.shape[1], -1).mean(dim=1).norm()) for g in grads))
-    return -np.array(out)
+        torch.log_softmax(y, dim=-1).sum().backward(retain_graph=True)
+        g_last = grads["last"]
+        before_head_grad = g_last.mean(dim=(-1, -2)) if g_last.ndim == 4 else g_last
+        output_component = torch.sqrt(torch.abs(before_head_grad).mean(dim=1)).unsqueeze(dim=1)
+        before_head["h"].sum().backward()
+        inner_component = torch.abs(torch.cat([grads[n].mean(dim=(-1, -2)) for n in inner], dim=1))
+        out.append(-float(torch.pow(inner_component / output_component, 2).mean(dim=1)))
+    return np.array(out)
 
 
-def test_gaia_matches_per_sample_autograd_on_the_default_layers(bncnn_signals):
-    model, x, s = bncnn_signals
+@pytest.fixture
+def resbn():
+    model = seeded(ResBNNet, 22, torch.float64)
+    x = make_inputs(9, 2, 6, 6, seed=22, dtype=torch.float64)
+    return model, x, probe_signals(model, x, batch_size=4)
+
+
+def test_gaia_a_is_the_official_cal_grad_value_on_every_batchnorm(resbn):
+    model, x, s = resbn
     det = gradood.create("gaia-a").fit(s)
-    np.testing.assert_allclose(det.score(s), _loop_gaia(model, x, ["act1", "act2"]), rtol=RTOL)
+    assert det.layers_ == ("bn1", "bn2") and det.inputs_of_ is False
+    ref = _official_gaia_a(model, x, ["bn1", "bn2"], "pool")
+    np.testing.assert_allclose(det.score(s), ref, rtol=RTOL)
+    assert np.ptp(ref) > 0.1 * np.abs(ref).max()
+    one = probe_signals(model, x, batch_size=1)  # samples do not interact in the batched backwards
+    np.testing.assert_allclose(gradood.create("gaia-a", layers=["bn1", "bn2"]).fit(one).score(one), ref, rtol=RTOL)
+    # the official ResNet reads the output component on the last map (layer4) instead of the pooled vector: its
+    # channel averages are h's gradient / (H W), so the official score is H W times gradood's: same ranking
+    np.testing.assert_allclose(_official_gaia_a(model, x, ["bn1", "bn2"], "act2"), 36 * ref, rtol=RTOL)
 
 
-def test_gaia_on_named_layers_and_independent_of_batch_size(bncnn_signals):
-    model, x, s = bncnn_signals
-    got = gradood.create("gaia-a", layers=["bn1", "conv2"]).fit(s).score(s)
-    np.testing.assert_allclose(got, _loop_gaia(model, x, ["bn1", "conv2"]), rtol=RTOL)
-    one = probe_signals(model, x, batch_size=1)
-    np.testing.assert_allclose(gradood.create("gaia-a", layers=["bn1", "conv2"]).fit(one).score(one), got, rtol=RTOL)
-
-
-def test_gaia_on_the_penultimate_layer_is_the_closed_form():
-    """At the head's input h: ``d log p_c / d h = W^T (e_c - p)``, so the score is ``-||W^T (e_c - p)||_2``."""
-    model = seeded(MLP, 1, torch.float64, logit_scale=2.0)
-    x = make_inputs(7, 6, seed=2, dtype=torch.float64)
-    s = probe_signals(model, x, batch_size=3)
-    got = gradood.create("gaia-a", layers=["body"]).fit(s).score(s)
+def test_gaia_a_on_the_pooled_layers_is_the_closed_form(resbn):
+    """At the pool's output (``h`` up to the flatten) the inner gradient is 1, at the map it pools 1 / (H W); the
+    output component of a linear head is ``mean_d |W^T (1 - K p)|_d``. So the score is
+    ``-(1 / (H W))^2 / mean_d |W^T (1 - K p)|_d``: negative, the log-softmax summed over all K classes, the mean
+    (not the sum) over channels and positions."""
+    model, x, s = resbn
     f, W = np_(model(x)), np_(model.fc.weight)
     p = np.exp(f - f.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    d = -p
-    d[np.arange(len(f)), f.argmax(1)] += 1.0
-    np.testing.assert_allclose(got, -np.linalg.norm(d @ W, axis=1), rtol=RTOL)
+    d = (1.0 - f.shape[1] * p) @ W
+    assert np.all(d.min(axis=1) < 0) and np.all(d.max(axis=1) > 0)  # so that |.| before the mean matters
+    o = np.abs(d).mean(axis=1)
+    np.testing.assert_allclose(gradood.create("gaia-a", layers=["pool"]).fit(s).score(s), -1.0 / o, rtol=RTOL)
+    np.testing.assert_allclose(gradood.create("gaia-a", layers=["act2", "pool"]).fit(s).score(s),
+                               -(1.0 / 36**2 + 1.0) / 2 / o, rtol=RTOL)
 
 
-def test_gaia_refuses_unknown_layers(bncnn_signals):
-    _, _, s = bncnn_signals
-    with pytest.raises(ConfigError, match="nope"):
+def test_gaia_a_without_batchnorm_reads_the_pre_activations():
+    """As gaia-z: the inputs of the activation modules whose input is a feature map (relu1, relu2; not the
+    vector pre-activation fc1 of the MLP part); checked against the official loop on those inputs."""
+    class ConvFC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.relu1, self.mp = nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+            self.conv2, self.relu2 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+            self.fc1, self.relu3, self.fc = nn.Linear(4 * 3 * 3, 5), nn.ReLU(), nn.Linear(5, 3)
+
+        def forward(self, x):
+            a = self.relu2(self.conv2(self.mp(self.relu1(self.conv1(x)))))
+            return self.fc(self.relu3(self.fc1(a.flatten(1))))
+
+    model = seeded(ConvFC, 12, torch.float64)
+    x = make_inputs(8, 2, 6, 6, seed=13, dtype=torch.float64)
+    s = probe_signals(model, x, batch_size=5)
+    det = gradood.create("gaia-a").fit(s)
+    assert det.layers_ == ("relu1", "relu2") and det.inputs_of_ is True
+    np.testing.assert_allclose(det.score(s), _official_gaia_a(model, x, ["relu1", "relu2"], "relu3",
+                                                              inputs_of=True), rtol=RTOL)
+
+
+def test_gaia_a_default_layers_on_models_without_batchnorm_or_feature_maps():
+    cnn = seeded(SmallCNN, 1, torch.float64)  # functional ReLUs: the top-level children, minus the pool (= h)
+    s = probe_signals(cnn, make_inputs(4, 2, 5, 5, dtype=torch.float64), batch_size=4)
+    det = gradood.create("gaia-a").fit(s)
+    assert (det.layers_, det.inputs_of_) == (("conv1", "conv2"), False)
+    mlp = seeded(MLP, 1, torch.float64)  # no feature map: the vector pre-activation (one channel per unit)
+    x = make_inputs(7, 6, seed=2, dtype=torch.float64)
+    s = probe_signals(mlp, x, batch_size=3)
+    det = gradood.create("gaia-a").fit(s)
+    assert (det.layers_, det.inputs_of_) == (("body.1",), True)
+    z = mlp.body[0](x)
+    f, W = np_(mlp(x)), np_(mlp.fc.weight)
+    p = np.exp(f - f.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    o = np.abs((1.0 - f.shape[1] * p) @ W).mean(axis=1)
+    np.testing.assert_allclose(det.score(s), -(np_(z) > 0).mean(axis=1) / o, rtol=RTOL)  # d sum relu(z) / dz
+
+
+def test_gaia_a_is_one_cached_request_of_the_shared_pass(resbn, monkeypatch):
+    model, _, fit = resbn
+    det = gradood.create("gaia-a").fit(fit)
+    assert len(det.requests()) == 1 and det.requests()[0].key == "gaia-a:bn1,bn2"
+    assert det.fit_requests() == []
+    test = probe_signals(model, make_inputs(10, 2, 6, 6, seed=2, dtype=torch.float64), batch_size=4)
+    calls = count_forward_passes(monkeypatch)
+    first = det.score(test)
+    assert calls["n"] == 3 * 2  # 3 batches: the shared forward and GAIA-A's forward with gradients
+    np.testing.assert_array_equal(det.score(test), first)
+    assert calls["n"] == 6
+
+
+def test_gaia_a_bad_inputs(resbn):
+    _, _, s = resbn
+    with pytest.raises(ConfigError, match=r"unknown layers \['nope'\]"):
         gradood.create("gaia-a", layers=["nope"]).fit(s).score(s)
+    with pytest.raises(ConfigError, match="layers"):
+        gradood.create("gaia-a", layers="bn1")
+    with pytest.raises(gradood.InputError, match="probe.signals"):
+        gradood.create("gaia-a").fit(gradood.Signals.from_arrays(logits=np.zeros((3, 2))))
+    with pytest.raises(GradoodError, match="'fc' does not influence the head's input"):
+        gradood.create("gaia-a", layers=["fc"]).fit(s).score(s)
 
 
-def test_gaia_refuses_a_layer_that_does_not_reach_the_logits():
+def test_gaia_a_refuses_a_layer_that_does_not_reach_the_logits():
     class Side(MLP):
         def __init__(self):
             super().__init__()
@@ -157,6 +270,7 @@ def test_gaia_refuses_a_layer_that_does_not_reach_the_logits():
     s = probe_signals(model, make_inputs(4, 6, dtype=torch.float64), batch_size=4)
     with pytest.raises(GradoodError, match="side"):
         gradood.create("gaia-a", layers=["side"]).fit(s).score(s)
+    assert gradood.create("gaia-a").fit(s).layers_ == ("body.1",)  # the default leaves it out
 
 
 # ------------------------------------------------------------------------ Wu et al.'s other low-dim heads

@@ -1,12 +1,14 @@
 """GAIA-A (channel-wise average abnormality) and GAIA-Z (zero-deflation abnormality) of attribution gradients
-(Chen et al., NeurIPS 2023).
+(Chen et al., NeurIPS 2023), as the official code (JGEthanChen/GAIA-OOD, ``cal_method.py``).
 
-The attribution gradient of a layer is the gradient of the model's confidence in its prediction w.r.t. that
-layer's output (the quantity Grad-CAM averages per channel). Per sample and per tapped layer gradood takes
-the channel-wise spatial average of that gradient, its L2 norm over channels, and sums the norms over the
-layers. One forward and one backward per batch: in eval mode the samples of a batch do not interact, so the
-gradient of the summed per-sample confidences w.r.t. a B x C x H x W activation holds every sample's own.
-GAIA-Z counts, per channel, the proportion of nonzero entries of such gradients (see :class:`GAIAZ`).
+The attribution gradient of a layer is the gradient of an output of the network w.r.t. that layer's output
+(the quantity Grad-CAM averages per channel). Both detectors read it for a whole batch with one forward and
+one backward: in eval mode the samples of a batch do not interact, so the gradient of a sum of per-sample
+outputs w.r.t. a B x C x H x W activation holds every sample's own. GAIA-A (:class:`GAIAA`, the official
+``cal_grad_value``) divides the squared channel averages of the summed pre-head features' gradients at the
+inner layers by the mean absolute gradient of the summed log-softmax at the pre-head features; GAIA-Z
+(:class:`GAIAZ`, the official ``cal_zero``) counts, per channel, the proportion of nonzero entries of the
+largest logit's gradients.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import ConfigError, InputError, ModelError
-from ..probe import call_model
 from ..signals import ProbeBatch, Request, Signals
 from . import _hyperparams as hp
 from ._papers import Citation
@@ -40,35 +41,13 @@ def channel_average(grad: torch.Tensor, layer: str) -> torch.Tensor:
                      "feature vector or feature map per sample. Name other layers with layers=[...].")
 
 
-def predicted_log_confidence(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``log softmax(f)_c_hat`` at the predicted class (the output component whose attribution
-    gradients GAIA reads)."""
-    return torch.log_softmax(logits, dim=1).amax(dim=1)
-
-
-@dataclass(frozen=True)
-class AttributionAbnormality(Request):
-    """``B x L``: per tapped layer, ``||mean_positions d log p_c_hat / d A_l||_2`` (``A_l`` the layer's
-    output). ``layers=None``: the probe's default layers (activation modules reached once)."""
-
-    layers: tuple[str, ...] | None = None
-
-    @property
-    def key(self) -> str:
-        return "gaia-a:" + ("default" if self.layers is None else ",".join(self.layers))
-
-    def compute(self, batch: ProbeBatch) -> torch.Tensor:
-        probe = batch.probe
-        layers = list(self.layers) if self.layers is not None else probe.default_layers()
-        grads = attribution_gradients(probe, batch.x, layers, predicted_log_confidence)
-        return torch.stack([channel_average(g, n).norm(dim=1) for n, g in zip(layers, grads)], dim=1)
-
-
-def attribution_gradients(probe, x: Any, layers: Sequence[str], output: Callable[[torch.Tensor], torch.Tensor],
-                          inputs_of: bool = False) -> list[torch.Tensor]:
-    """Per layer, the float64 gradient of ``output(logits).sum()`` w.r.t. the layer's output (its input with
-    ``inputs_of``: the pre-activation of an activation module), ``B x ...``: one forward and one backward for
-    the batch (in eval mode the samples do not interact, so each sample's rows are its own gradient)."""
+def attributed_forward(probe, x: Any, layers: Sequence[str], inputs_of: bool = False,
+                       passed: dict[str, torch.Tensor] | None = None):
+    """One forward pass of ``x`` with gradients (``Probe.forward(grad=True)``: logits = the head's output,
+    features = its input) in which every named layer's output (its input with ``inputs_of``: the
+    pre-activation of an activation module) is captured as a tensor the rest of the network reads, so that
+    its gradient is the layer's attribution gradient. Returns ``({layer: tensor}, ForwardOutput)``; ``passed``
+    (if given) receives the copies the network read on from."""
     if not layers:
         raise ConfigError("GAIA found no layers to read attribution gradients from: pass layers=[module names].")
     modules = dict(probe.model.named_modules())
@@ -86,9 +65,13 @@ def attribution_gradients(probe, x: Any, layers: Sequence[str], output: Callable
             raise ModelError(f"GAIA: layer {name!r} runs more than once per forward pass; its attribution "
                              "gradient is ambiguous. Name layers that run once.")
         # the downstream network reads a copy of this tensor, so its gradient is the layer's attribution
-        # gradient, also when a later op works in place (ReLU(inplace=True) after a BatchNorm)
-        acts[name] = t.clone()
-        return acts[name].clone()
+        # gradient, also when a later op works in place (ReLU(inplace=True) after a BatchNorm); a leaf when
+        # nothing before it requires a gradient (frozen parameters)
+        acts[name] = t.clone() if t.requires_grad else t.detach().clone().requires_grad_(True)
+        out = acts[name].clone()
+        if passed is not None:
+            passed[name] = out
+        return out
 
     def out_hook(name: str):
         return lambda _m, _i, out: capture(name, out)
@@ -99,39 +82,146 @@ def attribution_gradients(probe, x: Any, layers: Sequence[str], output: Callable
     handles = [modules[n].register_forward_pre_hook(in_hook(n)) if inputs_of
                else modules[n].register_forward_hook(out_hook(n)) for n in layers]
     try:
-        with probe.eval_mode(), torch.enable_grad(), probe.model_inputs(x) as inputs:
-            logits = probe.output_logits(call_model(probe.model, inputs))
-            missing = [n for n in layers if n not in acts]
-            if missing:
-                raise ModelError(f"GAIA: layers {missing} were not reached in the forward pass.")
-            grads = torch.autograd.grad(output(logits).sum(), [acts[n] for n in layers], allow_unused=True)
+        fo = probe.forward(x, grad=True, validate=False)
     finally:
         for h in handles:
             h.remove()
+    missing = [n for n in layers if n not in acts]
+    if missing:
+        raise ModelError(f"GAIA: layers {missing} were not reached in the forward pass.")
+    return acts, fo
+
+
+def _layer_grads(output: torch.Tensor, acts: dict[str, torch.Tensor], layers: Sequence[str],
+                 of_what: str, retain_graph: bool = False) -> list[torch.Tensor]:
+    """Per layer, the float64 gradient of the scalar ``output`` w.r.t. the captured layer, ``B x ...``."""
+    grads = torch.autograd.grad(output, [acts[n] for n in layers], allow_unused=True, retain_graph=retain_graph) \
+        if output.requires_grad else [None] * len(layers)
     out = []
     for name, g in zip(layers, grads):
-        if g is None:  # the layer does not reach the logits
-            raise ModelError(f"GAIA: layer {name!r} does not influence the logits; name other layers.")
+        if g is None:  # the layer does not reach the output
+            raise ModelError(f"GAIA: layer {name!r} does not influence the {of_what}; name other layers.")
         out.append(g.detach().double())
     return out
 
 
+def attribution_gradients(probe, x: Any, layers: Sequence[str], output: Callable[[torch.Tensor], torch.Tensor],
+                          inputs_of: bool = False) -> list[torch.Tensor]:
+    """Per layer, the float64 gradient of ``output(logits).sum()`` (``logits`` the model's output logits)
+    w.r.t. the layer's output (its input with ``inputs_of``), ``B x ...``: one forward and one backward for
+    the batch (in eval mode the samples do not interact, so each sample's rows are its own gradient)."""
+    acts, fo = attributed_forward(probe, x, layers, inputs_of)
+    return _layer_grads(output(probe.output_logits(fo.output)).sum(), acts, layers, "logits")
+
+
+# --------------------------------------------------------------------------------------------- GAIA-A
+def gaia_a_components(probe, x: Any, layers: Sequence[str], inputs_of: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two components of the official ``cal_grad_value`` for a batch, float64: ``inner`` (``B x sum_l C_l``),
+    ``|mean_positions d (sum_j h_j) / d A_l|`` over the channels of every layer concatenated, ``h`` the head's
+    input (the pre-head features); ``output`` (``B``), ``mean_d |d (sum_k log softmax(f)_k) / d h_d|``. One
+    forward, a backward through the head, one backward to the layers."""
+    acts, fo = attributed_forward(probe, x, layers, inputs_of)
+    h = fo.features
+    if not h.requires_grad:
+        raise ModelError(f"GAIA-A: none of the layers {list(layers)} influences the head's input; name other layers.")
+    (dh,) = torch.autograd.grad(torch.log_softmax(fo.logits, dim=1).sum(), h, retain_graph=True)
+    grads = _layer_grads(h.sum(), acts, layers, "head's input (the pre-head features)")
+    inner = torch.cat([channel_average(g, n) for n, g in zip(layers, grads)], dim=1).abs()
+    return inner, dh.detach().double().abs().mean(dim=1)
+
+
+@dataclass(frozen=True)
+class AttributionAbnormality(Request):
+    """``B``: GAIA-A's official ``cal_grad_value`` score ``mean_(l, c) inner_lc^2 / output`` (see
+    :func:`gaia_a_components`; ``A_l`` the output of layer l, or its input when ``inputs_of``).
+    ``layers=None``: :func:`gaia_a_layers` of the batch's probe."""
+
+    layers: tuple[str, ...] | None = None
+    inputs_of: bool = False
+
+    @property
+    def key(self) -> str:
+        where = "default" if self.layers is None else ("in:" if self.inputs_of else "") + ",".join(self.layers)
+        return "gaia-a:" + where
+
+    def compute(self, batch: ProbeBatch) -> torch.Tensor:
+        probe = batch.probe
+        layers, inputs_of = (self.layers, self.inputs_of) if self.layers is not None else gaia_a_layers(probe)
+        inner, output = gaia_a_components(probe, batch.x, list(layers), inputs_of)
+        # official: mean((inner / sqrt(output))^2); a zero output component (all logits equal) scores -inf
+        score = inner.pow(2).mean(dim=1) / output
+        return torch.where(output > 0, score, torch.full_like(score, float("inf")))
+
+
+def gaia_a_layers(probe) -> tuple[tuple[str, ...], bool]:
+    """GAIA-A's default inner layers and whether their inputs (True) or outputs (False) are read: as
+    :func:`gaia_z_layers`, every BatchNorm module reached once (their outputs); in a model without BatchNorm
+    the pre-activations (the inputs of the activation modules reached once, Tanh and Sigmoid included) that are
+    feature maps, else (a model without feature maps: an MLP, a transformer) all of them; with functional
+    activations only, the outputs of the model's top-level children. Layers that do not reach the head's
+    input are left out, and so is a layer whose output is the head's input itself or a view of it (a global
+    pool before a flatten): the official code reads its gradient only for the output component."""
+    from .feature_map import batchnorm_layers
+
+    bns = batchnorm_layers(probe)
+    modules = dict(probe.model.named_modules())
+    if bns:
+        candidates, inputs_of = list(bns), False
+    else:
+        layers = probe.default_layers()
+        acts = [n for n in layers if isinstance(modules[n], _ACTIVATIONS + (torch.nn.Tanh, torch.nn.Sigmoid))]
+        candidates, inputs_of = (acts or layers), bool(acts)
+    keep: list[str] = []
+    if candidates:
+        passed: dict[str, torch.Tensor] = {}  # what the network read after each layer
+        acts_, fo = attributed_forward(probe, probe._example, candidates, inputs_of, passed=passed)
+        h = fo.features
+        grads = torch.autograd.grad(h.sum(), [acts_[n] for n in candidates], allow_unused=True) \
+            if h.requires_grad else [None] * len(candidates)
+        ptr = h.untyped_storage().data_ptr()
+        keep = [n for n, g in zip(candidates, grads)
+                if g is not None and (inputs_of or passed[n].untyped_storage().data_ptr() != ptr)]
+        if not bns:
+            keep = [n for n in keep if acts_[n].ndim >= 3] or keep
+    if not keep:
+        raise ModelError(f"gaia-a found no BatchNorm layer, activation or top-level layer before the head's input "
+                         f"in {type(probe.model).__name__}. Pass layers=[<module names>] (their outputs are read).")
+    return tuple(keep), inputs_of
+
+
 @register("gaia-a")
 class GAIAA(Detector):
-    """GAIA-A, channel-wise average abnormality (Chen et al., "GAIA: Delving into Gradient-based Attribution
-    Abnormality for Out-of-distribution Detection", NeurIPS 2023, https://arxiv.org/abs/2311.09620).
+    """GAIA-A, channel-wise average abnormality (Chen, Li, Qu, Wang, Wan & Xiao, "GAIA: Delving into
+    Gradient-based Attribution Abnormality for Out-of-distribution Detection", NeurIPS 2023,
+    https://arxiv.org/abs/2311.09620), as the official code's ``cal_grad_value`` (JGEthanChen/GAIA-OOD,
+    ``cal_method.py``; docs/methods.md 8.5).
 
-    Score: ``-sum_l ||mean_positions d log softmax(f)_c_hat / d A_l||_2``, ``A_l`` the output of tapped layer
-    l (a ``C x H x W`` map averaged over H x W per channel, as Grad-CAM's channel weights; a ``T x D``
-    sequence averaged over T). OOD samples have abnormally large channel-averaged attribution gradients, so
-    higher = more ID. Closest faithful reading: the paper's exact output component (here the log-confidence
-    of the predicted class), its in-layer aggregation (here the L2 norm over channels) and its cross-layer
-    fusion (here a plain sum) could not be recovered from its text or official code; the zero-deflation
-    component is ``gaia-z``.
+    With ``h`` the head's input (the pre-head features, the official ``before_head_data``) and ``f`` the
+    logits: the inner component ``g_lc = mean_positions d (sum_j h_j) / d A_l[c]`` (the channel-wise average
+    of the attribution gradient of the summed features w.r.t. the output ``A_l`` of inner layer l), the output
+    component ``o = mean_d |d (sum_k log softmax(f)_k) / d h_d|`` (the log-softmax summed over all classes, so
+    ``d/dh = W^T (1 - K p)`` for a linear head with K classes); score ``-mean_(l, c) (|g_lc| / sqrt(o))^2``
+    over the channels of all layers concatenated. OOD inputs have abnormally large channel-averaged attribution
+    gradients, so higher = more ID. A sample with ``o = 0`` (all logits equal) scores -inf.
 
-    Inputs: the model (taps' gradients: one forward + one backward per batch; w.r.t. activations, not
-    parameters). Fits nothing. Hyperparameters: ``layers`` (None = the probe's default layers, every
-    activation module reached once, in forward order; or a list of module names).
+    Default layers: every BatchNorm module reached once (their outputs), as ``gaia-z`` and as the official
+    WideResNet/VGG setting (``-hook before_head``). Deviations: the output component is read at ``h`` itself;
+    the official code reads it at its last hook (ResNet: ``layer4``'s map, whose channel averages are ``h``'s
+    gradient divided by the pooled positions -- a constant factor, same ranking; WideResNet, BiT: the pooled
+    ``h``). The official ResNet setting (the BatchNorms of ``layer3`` and ``layer4`` only) and ImageNet setting
+    (BiT: the GroupNorms of block 4) need ``layers=``. Models without BatchNorm (gradood's generalisation, as
+    ``gaia-z``): the pre-activations, i.e. the inputs of the activation modules reached once whose input is a
+    feature map (in a conv -> BN -> ReLU network, the BN outputs), or all of them in a model without feature
+    maps (an MLP, a transformer); with functional activations only, the outputs of the top-level children that
+    reach ``h``. Left out: layers that do not reach ``h``, and a layer whose output is ``h`` or a view of it (a
+    global pool before the flatten: constant gradient 1). A ``B x D`` layer has one channel per unit, a
+    ``B x T x D`` sequence is averaged over T.
+
+    Inputs: the model (one forward, a backward through the head, one backward to the layers, per batch; w.r.t.
+    activations, not parameters). Fitted state: ``layers_`` and ``inputs_of_`` (the layers and whether their
+    inputs are read, chosen on the first batch when ``layers`` is None); nothing is fitted from the data.
+    Hyperparameters: ``layers`` (default None = the default above; or module names, whose outputs are read).
     """
 
     paper = ("Chen et al., GAIA: Delving into Gradient-based Attribution Abnormality for Out-of-distribution "
@@ -146,13 +236,24 @@ class GAIAA(Detector):
         self.layers = None if layers is None else tuple(layers)
 
     def fit_requests(self) -> list[Request]:
-        return []  # fits nothing: no gradient pass over the fit data
+        return []  # fits nothing: no gradient pass over the fit data (the layers are found on one batch)
+
+    def _fit(self, signals: Signals, **_: object) -> None:
+        if signals.probe is None:
+            raise InputError("gaia-a backpropagates through the model: build the signals with "
+                             "probe.signals(data), not from arrays.")
+        if self.layers is not None:
+            self.layers_, self.inputs_of_ = self.layers, False
+        else:
+            self.layers_, self.inputs_of_ = gaia_a_layers(signals.probe)
 
     def requests(self) -> list[Request]:
+        if hasattr(self, "layers_"):
+            return [AttributionAbnormality(tuple(self.layers_), bool(self.inputs_of_))]
         return [AttributionAbnormality(self.layers)]
 
     def _score(self, signals: Signals) -> torch.Tensor:
-        return -signals.get(self.requests()[0]).double().sum(dim=1)
+        return -signals.get(self.requests()[0]).double()
 
 
 def max_logit(logits: torch.Tensor) -> torch.Tensor:
