@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import gradood
-from conftest import BNCNN, MLP, SmallCNN, count_forward_passes, make_inputs, make_labels, probe_signals, seeded
+from conftest import (BNCNN, MLP, ConvHeadNet, SmallCNN, count_forward_passes, make_inputs, make_labels,
+                      probe_signals, seeded)
 from gradood.errors import ConfigError, GradoodError
 
 RTOL = 1e-9
@@ -119,11 +120,11 @@ class ResBNNet(nn.Module):
         return self.fc(self.pool(self.act2(b)).flatten(1))
 
 
-def _official_gaia_a(model, x, inner, last, inputs_of=False):
+def _official_gaia_a(model, x, inner, last, inputs_of=False, head="fc"):
     """The official ``cal_grad_value`` (JGEthanChen/GAIA-OOD, cal_method.py) re-run per sample: ``Grad_all_hook``s
     (``register_hook`` on the output of every module in ``inner`` -- on its input with ``inputs_of`` -- and of
     ``last``); ``logsoftmax(y).sum().backward(retain_graph=True)``; the output component
-    ``sqrt(|mean_hw grad(last)|.mean(1))``; then ``before_head_data.sum().backward()`` (the head's input);
+    ``sqrt(|mean_hw grad(last)|.mean(1))``; then ``before_head_data.sum().backward()`` (the input of ``head``);
     ``mean((|mean_hw grad(inner)| / output_component)^2)``; returned negated, as the official ``cal_score``."""
     mods = dict(model.named_modules())
     out = []
@@ -138,7 +139,7 @@ def _official_gaia_a(model, x, inner, last, inputs_of=False):
         hs = [mods[n].register_forward_pre_hook(lambda _m, a, s=keep(n): s(a[0])) if inputs_of
               else mods[n].register_forward_hook(lambda _m, _i, o, s=keep(n): s(o)) for n in inner]
         hs.append(mods[last].register_forward_hook(lambda _m, _i, o, s=keep("last"): s(o)))
-        hs.append(model.fc.register_forward_pre_hook(lambda _m, a: before_head.__setitem__("h", a[0])))
+        hs.append(mods[head].register_forward_pre_hook(lambda _m, a: before_head.__setitem__("h", a[0])))
         y = model(x[i: i + 1])
         for h in hs:
             h.remove()
@@ -211,6 +212,17 @@ def test_gaia_a_without_batchnorm_reads_the_pre_activations():
     assert det.layers_ == ("relu1", "relu2") and det.inputs_of_ is True
     np.testing.assert_allclose(det.score(s), _official_gaia_a(model, x, ["relu1", "relu2"], "relu3",
                                                               inputs_of=True), rtol=RTOL)
+
+
+def test_gaia_a_with_a_1x1_conv_head_as_the_official_bit():
+    """BiT's head is a 1x1 conv on the pooled 1 x 1 map (the official ``before_head``), whose output component
+    the official code reads at that map; gradood's closed form uses the conv's weight."""
+    model = seeded(ConvHeadNet, 4, torch.float64, logit_scale=3.0)
+    x = make_inputs(7, 2, 5, 5, seed=5, dtype=torch.float64)
+    s = probe_signals(model, x, batch_size=3, head="cls")
+    det = gradood.create("gaia-a").fit(s)
+    assert det.layers_ == ("conv",)  # functional ReLU: the top-level children, minus the pool (= h)
+    np.testing.assert_allclose(det.score(s), _official_gaia_a(model, x, ["conv"], "pool", head="cls"), rtol=RTOL)
 
 
 def test_gaia_a_default_layers_on_models_without_batchnorm_or_feature_maps():

@@ -93,9 +93,9 @@ def attributed_forward(probe, x: Any, layers: Sequence[str], inputs_of: bool = F
 
 
 def _layer_grads(output: torch.Tensor, acts: dict[str, torch.Tensor], layers: Sequence[str],
-                 of_what: str, retain_graph: bool = False) -> list[torch.Tensor]:
+                 of_what: str) -> list[torch.Tensor]:
     """Per layer, the float64 gradient of the scalar ``output`` w.r.t. the captured layer, ``B x ...``."""
-    grads = torch.autograd.grad(output, [acts[n] for n in layers], allow_unused=True, retain_graph=retain_graph) \
+    grads = torch.autograd.grad(output, [acts[n] for n in layers], allow_unused=True) \
         if output.requires_grad else [None] * len(layers)
     out = []
     for name, g in zip(layers, grads):
@@ -119,16 +119,18 @@ def gaia_a_components(probe, x: Any, layers: Sequence[str], inputs_of: bool = Fa
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two components of the official ``cal_grad_value`` for a batch, float64: ``inner`` (``B x sum_l C_l``),
     ``|mean_positions d (sum_j h_j) / d A_l|`` over the channels of every layer concatenated, ``h`` the head's
-    input (the pre-head features); ``output`` (``B``), ``mean_d |d (sum_k log softmax(f)_k) / d h_d|``. One
-    forward, a backward through the head, one backward to the layers."""
+    input (the pre-head features); ``output`` (``B``), ``mean_d |d (sum_k log softmax(f)_k) / d h_d|``, in
+    closed form: the logits are ``f = W h + b`` (the probe's head), so ``d/dh = W^T (1 - K softmax(f))``.
+    One forward and one backward."""
     acts, fo = attributed_forward(probe, x, layers, inputs_of)
     h = fo.features
     if not h.requires_grad:
         raise ModelError(f"GAIA-A: none of the layers {list(layers)} influences the head's input; name other layers.")
-    (dh,) = torch.autograd.grad(torch.log_softmax(fo.logits, dim=1).sum(), h, retain_graph=True)
     grads = _layer_grads(h.sum(), acts, layers, "head's input (the pre-head features)")
     inner = torch.cat([channel_average(g, n) for n, g in zip(layers, grads)], dim=1).abs()
-    return inner, dh.detach().double().abs().mean(dim=1)
+    logits = fo.logits.detach().double()
+    dh = (1.0 - logits.shape[1] * torch.softmax(logits, dim=1)) @ probe.weight.double()
+    return inner, dh.abs().mean(dim=1)
 
 
 @dataclass(frozen=True)
@@ -218,10 +220,11 @@ class GAIAA(Detector):
     global pool before the flatten: constant gradient 1). A ``B x D`` layer has one channel per unit, a
     ``B x T x D`` sequence is averaged over T.
 
-    Inputs: the model (one forward, a backward through the head, one backward to the layers, per batch; w.r.t.
-    activations, not parameters). Fitted state: ``layers_`` and ``inputs_of_`` (the layers and whether their
-    inputs are read, chosen on the first batch when ``layers`` is None); nothing is fitted from the data.
-    Hyperparameters: ``layers`` (default None = the default above; or module names, whose outputs are read).
+    Inputs: the model (one forward and one backward per batch, w.r.t. activations, not parameters; the output
+    component in closed form from the head's weight). Fitted state: ``layers_`` and ``inputs_of_`` (the layers
+    and whether their inputs are read, chosen on the first batch when ``layers`` is None); nothing is fitted
+    from the data. Hyperparameters: ``layers`` (default None = the default above; or module names, whose
+    outputs are read).
     """
 
     paper = ("Chen et al., GAIA: Delving into Gradient-based Attribution Abnormality for Out-of-distribution "
