@@ -348,7 +348,7 @@ def test_every_detector_runs_on_a_bert_classifier_or_says_why(name, bert_signals
     det = gradood.create(name, **{k: v for k, v in FAST.items() if k in params})
     kw = {"ood_val": ood_val, "id_val": id_val} if det.tunes_on_ood else {}
     if name in CANNOT:
-        with pytest.raises(gradood.GradoodError, match=CANNOT[name]):
+        with pytest.raises(gradood.NotApplicableError, match=CANNOT[name]):
             det.fit(fit, **kw)
         return
     s = det.fit(fit, **kw).score(test)
@@ -374,3 +374,92 @@ def test_pixel_values_dict_is_perturbed_like_the_image_tensor():
             s = probe.signals(data, batch_size=3, progress=False)
             scores.append(gradood.create(name, **hp).fit(s).score(s))
         torch.testing.assert_close(torch.as_tensor(scores[0]), torch.as_tensor(scores[1]), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------- layers of a transformer
+def test_default_layers_of_a_transformer_are_its_activation_modules(bert):
+    """transformers' GELUActivation is its own module class: each encoder layer's activation is a default tap
+    (before, only the classifier's dropout was found and multi-layer methods saw a single layer)."""
+    probe = gradood.Probe(bert)
+    probe.signals(tokens(4, 30), progress=False).warm_up()
+    assert probe.default_layers() == [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)] \
+        + ["bert.pooler.activation"]  # nn.Tanh
+
+
+def _alone_and_batched(model, request_of, n=6, seed=31):
+    """The request's rows for a right-padded batch, and for each sample run alone without its padding."""
+    data = model_inputs(tokens(n, seed))
+    probe = gradood.Probe(model)
+    batched = probe.signals(data, progress=False).get(request_of(probe))
+    alone = []
+    for i in range(n):
+        real = int(data["attention_mask"][i].sum())
+        one = {k: v[i:i + 1, :real] for k, v in data.items()}
+        alone.append(gradood.Probe(model).signals(one, progress=False).get(request_of(probe))[0])
+    return batched, torch.stack(alone), data
+
+
+def test_tap_mean_of_a_sequence_averages_the_real_tokens(bert):
+    """Tap(layer, "mean") of a B x T x H activation is the mean over the sample's real tokens: a padded batch
+    gives each sample exactly its unpadded result; the plain mean over the last dim (H, the old reading) and
+    the mean over all T positions (pads included) both differ."""
+    layer = "bert.encoder.layer.1.intermediate.intermediate_act_fn"
+    batched, alone, data = _alone_and_batched(bert, lambda p: gradood.Tap(layer, "mean"))
+    assert batched.shape == (6, 24)
+    torch.testing.assert_close(batched, alone, rtol=1e-10, atol=1e-12)
+    probe = gradood.Probe(bert)
+    raw = probe.forward(data, [layer]).taps[layer]
+    pads_included = raw.mean(dim=1)
+    assert (pads_included[3:] - batched[3:]).abs().max() > 1e-3
+
+
+def test_gram_of_a_sequence_ignores_padding(bert):
+    """Gram row sums of a transformer layer: H channels over the real tokens; padding changes nothing."""
+    from gradood.detectors.gram import GramFeatures
+
+    layer = "bert.encoder.layer.0.intermediate.intermediate_act_fn"
+    batched, alone, data = _alone_and_batched(bert, lambda p: GramFeatures((layer,), 3))
+    assert batched.shape == (6, 3 * 24)  # orders x channels (H = 24), not x positions
+    torch.testing.assert_close(batched, alone, rtol=1e-9, atol=1e-12)
+    # independent reference for sample 0 (unpadded): A = H x T, row sums of (A^p)(A^p)^T, signed p-th root
+    a = gradood.Probe(bert).forward(model_inputs(data), [layer]).taps[layer][0].T
+    ref = []
+    for p in (1, 2, 3):
+        ap = a ** p
+        g = (ap @ ap.T).sum(dim=1)
+        ref.append(g.sign() * g.abs() ** (1.0 / p))
+    torch.testing.assert_close(batched[0], torch.cat(ref), rtol=1e-9, atol=1e-12)
+
+
+def test_bench_reports_inapplicable_detectors_apart_from_failures(tmp_path, monkeypatch):
+    """A NotApplicableError (the method does not exist for this architecture) is collected as not applicable
+    when the caller asks, and stays an error otherwise."""
+    from gradood.bench import runner
+    from gradood.errors import NotApplicableError
+
+    def fake(ref, p, bootstrap, seed):
+        if ref.name == "ash-fm":
+            raise NotApplicableError("ash-fm found no activation layer with a feature-map output")
+        raise gradood.ConfigError("broken")
+
+    class Run:
+        model, id_test = "m", type("D", (), {"label": "d"})()
+        detectors = [type("R", (), {"name": n, "display": n, "key": lambda self: n})() for n in ("ash-fm", "x")]
+
+    class Prepared:
+        fit = val = test = type("S", (), {"data_digest": lambda self: "0", "__len__": lambda self: 1})()
+        ood_val, ood_test, accuracy = {}, {}, None
+        info = type("I", (), {"fingerprint": "f"})()
+
+    spec = type("Spec", (), {"runs": [Run()], "bootstrap": 0, "seed": 0})()
+    monkeypatch.setattr(runner, "validate_names", lambda s: None)
+    monkeypatch.setattr(runner, "validate_data", lambda s: None)
+    monkeypatch.setattr(runner, "prepare", lambda *a: Prepared())
+    monkeypatch.setattr(runner, "run_key", lambda *a: "k")
+    monkeypatch.setattr(runner, "evaluate_detector", fake)
+    na: list[str] = []
+    _, _, errors = runner.run_benchmark(spec, tmp_path, progress=False, log=lambda m: None, not_applicable=na)
+    assert na == ["m / ash-fm: ash-fm found no activation layer with a feature-map output"]
+    assert errors == ["m / x: broken"]
+    _, _, errors = runner.run_benchmark(spec, tmp_path / "b", progress=False, log=lambda m: None)
+    assert len(errors) == 2

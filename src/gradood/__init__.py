@@ -13,8 +13,8 @@ Typical use::
 
 from .deploy import Guard, load_detector
 from .detectors import Detector, available, create, describe
-from .errors import (ChecksumError, ConfigError, GradoodError, InputError, ModelError, NotFittedError,
-                     OutputError, TuningDataError)
+from .errors import (ChecksumError, ConfigError, GradoodError, InputError, ModelError, NotApplicableError,
+                     NotFittedError, OutputError, TuningDataError)
 from .probe import Probe
 from .signals import FEATURES, LOGITS, Request, Signals, Tap
 from .shared_pass import require_for, requests_for, signals_for
@@ -32,6 +32,6 @@ def evaluate(scores_id, scores_ood, **kwargs):
 __all__ = [
     "Probe", "Signals", "Request", "Tap", "LOGITS", "FEATURES", "Detector", "available", "create", "describe",
     "signals_for", "require_for", "requests_for",
-    "evaluate", "GradoodError", "InputError", "ConfigError", "ModelError", "NotFittedError", "ChecksumError",
+    "evaluate", "GradoodError", "InputError", "ConfigError", "ModelError", "NotApplicableError", "NotFittedError", "ChecksumError",
     "TuningDataError", "OutputError", "load_detector", "Guard", "__version__",
 ]

@@ -27,6 +27,12 @@ class ModelError(GradoodError, ValueError):
     """The model cannot be probed as asked: no linear head, model in train mode, unsupported layer."""
 
 
+class NotApplicableError(ModelError):
+    """The detector's method does not apply to this model's architecture or inputs (no convolutional feature
+    map for a feature-map method, no BatchNorm, no dropout, token inputs for a method defined on images). The
+    benchmark reports such a detector as not applicable instead of failing the run."""
+
+
 class NotFittedError(GradoodError, _SklearnNotFittedError):
     """A detector that needs fitting was used before ``fit``."""
 

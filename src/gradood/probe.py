@@ -633,7 +633,9 @@ class Probe:
                     order.append(name)
             return fn
 
-        candidates = {n: m for n, m in self._modules.items() if n and isinstance(m, acts)}
+        # transformers' activations (GELUActivation & co.) are their own nn.Module classes
+        candidates = {n: m for n, m in self._modules.items()
+                      if n and (isinstance(m, acts) or type(m).__module__ == "transformers.activations")}
         if not candidates:
             candidates = {n: m for n, m in self.model.named_children() if n != self.head_name}
         handles = [m.register_forward_hook(hook(n)) for n, m in candidates.items()]

@@ -17,7 +17,7 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -92,10 +92,41 @@ class Features(Request):
         return batch.features
 
 
+def sequence_mask(x: Any, a: torch.Tensor) -> torch.Tensor | None:
+    """For token inputs (a dict with an ``attention_mask``, ``B x L``) and a ``B x T x H`` activation whose
+    positions are the input's (``T <= L``, any dropped trailing columns padding in every row, as a model that
+    trims padding leaves them): the ``B x T`` mask of real positions. Else None (channel-first maps)."""
+    x = getattr(x, "inputs", x)  # token inputs moved in embedding space (probe.ShiftedTokens) keep their mask
+    mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or a.ndim != 3 or mask.ndim != 2 or mask.shape[0] != a.shape[0]:
+        return None
+    t = a.shape[1]
+    if t > mask.shape[1] or bool(mask[:, t:].any()):
+        return None
+    return mask[:, :t].to(a.dtype)
+
+
+def is_feature_map(x: Any, a: torch.Tensor) -> bool:
+    """A channel-first map ``B x C x ...`` (at least 3 dims), not a ``B x T x H`` token sequence of ``x``."""
+    return a.ndim >= 3 and sequence_mask(x, a) is None
+
+
+def position_mean(x: Any, a: torch.Tensor) -> torch.Tensor:
+    """``B x C``: a layer's output averaged over its positions -- the spatial dims of a ``B x C x ...`` map,
+    or the real (unpadded) tokens of a ``B x T x H`` sequence activation of token inputs."""
+    if a.ndim <= 2:
+        return a.reshape(a.shape[0], -1)
+    mask = sequence_mask(x, a)
+    if mask is not None:
+        return (a * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    return a.reshape(a.shape[0], a.shape[1], -1).mean(dim=2)
+
+
 @dataclass(frozen=True)
 class Tap(Request):
-    """A layer's output: ``reduce="mean"`` averages over spatial/sequence dims (Mahalanobis' per-layer
-    feature), ``"flatten"`` keeps every value (FSSD's flattened maps)."""
+    """A layer's output: ``reduce="mean"`` averages over positions (Mahalanobis' per-layer feature;
+    :func:`position_mean`: spatial dims of a map, real tokens of a sequence), ``"flatten"`` keeps every value
+    (FSSD's flattened maps)."""
 
     layer: str
     reduce: str = "mean"
@@ -114,9 +145,9 @@ class Tap(Request):
 
     def compute(self, batch: ProbeBatch) -> torch.Tensor:
         a = batch.taps[self.layer]
-        if self.reduce == "flatten" or a.ndim <= 2:
+        if self.reduce == "flatten":
             return a.reshape(a.shape[0], -1)
-        return a.reshape(a.shape[0], a.shape[1], -1).mean(dim=2)
+        return position_mean(batch.x, a)
 
 
 LOGITS = Logits()

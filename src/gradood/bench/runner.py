@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, GradoodError, OutputError
+from ..errors import ConfigError, GradoodError, NotApplicableError, OutputError
 from ..probe import Probe
 from .. import cache as _cache
 from ..signals import FEATURES, LOGITS, Signals, atomic_write_bytes
@@ -321,9 +321,12 @@ def validate_names(spec: BenchSpec) -> None:
 
 
 def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only: list[str] | None = None,
-                  progress: bool = True, log=print, executor: Any = None) -> tuple[list[dict], dict, list[str]]:
+                  progress: bool = True, log=print, executor: Any = None,
+                  not_applicable: list[str] | None = None) -> tuple[list[dict], dict, list[str]]:
     """Run every (run, detector); returns (rows, scores for the report, error messages). ``executor`` computes
-    the signals elsewhere (:class:`gradood.distributed.RayExecutor` for ``--ray``)."""
+    the signals elsewhere (:class:`gradood.distributed.RayExecutor` for ``--ray``). A detector whose method does
+    not apply to a model (:class:`~gradood.errors.NotApplicableError`) is an error unless ``not_applicable`` is
+    a list, which then collects its message (``gradood bench`` reports these apart from failures)."""
     from tqdm.auto import tqdm
 
     validate_names(spec)
@@ -352,6 +355,13 @@ def run_benchmark(spec: BenchSpec, out: Path, cache: Path | None = None, *, only
                 t_det = time.perf_counter()
                 try:
                     rows, scores = evaluate_detector(ref, p, spec.bootstrap, spec.seed)
+                except NotApplicableError as e:
+                    # the method does not exist for this architecture: reported, not a failed run
+                    if not_applicable is None:
+                        errors.append(f"{run.model} / {ref.display}: {e}")
+                    else:
+                        not_applicable.append(f"{run.model} / {ref.display}: {e}")
+                    continue
                 except GradoodError as e:
                     errors.append(f"{run.model} / {ref.display}: {e}")
                     continue
@@ -483,8 +493,10 @@ def main(args: argparse.Namespace) -> int:
         distributed.init(None if args.ray == "local" else args.ray)
         executor = distributed.RayExecutor(workers=args.ray_workers, gpus_per_worker=args.ray_gpus)
     with clear_write_errors(out):
+        not_applicable: list[str] = []
         rows, scores, errors = run_benchmark(spec, out, cache, only=only, progress=not args.quiet,
-                                             log=lambda m: console.print(m), executor=executor)
+                                             log=lambda m: console.print(m), executor=executor,
+                                             not_applicable=not_applicable)
     elapsed = time.perf_counter() - t0
     if not rows:
         for e in errors:
@@ -506,6 +518,8 @@ def main(args: argparse.Namespace) -> int:
             noted.setdefault((r["model"], r["detector"]), w)
     for (model, det), w in noted.items():
         console.print(f"[yellow]note[/yellow] {model} / {det}: {w}")
+    for e in not_applicable:
+        console.print(f"[blue]not applicable[/blue] {e}")
     for e in errors:
         console.print(f"[red]error[/red] {e}")
     return 1 if errors else 0

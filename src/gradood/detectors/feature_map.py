@@ -14,9 +14,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError, ModelError
+from ..errors import ConfigError, InputError, ModelError, NotApplicableError
 from ..probe import call_model
-from ..signals import LOGITS, ProbeBatch, Request, Signals
+from ..signals import LOGITS, ProbeBatch, Request, Signals, is_feature_map
 from . import _hyperparams as hp
 from . import _papers
 from .base import Detector, register
@@ -25,11 +25,11 @@ from .shaping import ASH_MODES, _check_kept, ash
 
 def feature_map_layers(probe) -> list[tuple[str, tuple[int, ...]]]:
     """``(name, output shape)`` of the probe's default layers (activation modules reached once), in forward
-    order, whose output is a feature map (``B x C x ...``, at least 3 dimensions)."""
+    order, whose output is a feature map (``B x C x ...``, at least 3 dimensions; not the ``B x T x H``
+    token activations of a transformer, which have no channel-first map to shape)."""
     layers = probe.default_layers()
     out = probe.forward(probe._example, layers, validate=False)
-    shapes = [(n, tuple(out.taps[n].shape)) for n in layers]
-    return [(n, s) for n, s in shapes if len(s) >= 3]
+    return [(n, tuple(out.taps[n].shape)) for n in layers if is_feature_map(probe._example, out.taps[n])]
 
 
 def last_feature_map_layer(probe, who: str = "ash-fm",
@@ -40,7 +40,7 @@ def last_feature_map_layer(probe, who: str = "ash-fm",
     ``fix`` word the error raised when there is none (an MLP)."""
     maps = feature_map_layers(probe)
     if not maps:
-        raise ModelError(f"{who} found no activation layer with a feature-map output (B x C x H x W): {fix}.")
+        raise NotApplicableError(f"{who} found no activation layer with a feature-map output (B x C x H x W): {fix}.")
     return maps[-1][0]
 
 
@@ -403,7 +403,7 @@ def last_batchnorm_layer(probe) -> str:
     """The last affine BatchNorm module of a forward pass (reached once): BATS's default layer."""
     bns = batchnorm_layers(probe, affine_only=True)
     if not bns:
-        raise ModelError(f"bats-fm found no affine BatchNorm layer in {type(probe.model).__name__}: {BN_FIX}.")
+        raise NotApplicableError(f"bats-fm found no affine BatchNorm layer in {type(probe.model).__name__}: {BN_FIX}.")
     return bns[-1]
 
 

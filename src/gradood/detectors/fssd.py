@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, NotApplicableError
 from ..signals import ProbeBatch, Request, Signals, tensor_digest
 from . import _hyperparams as hp
 from ._checks import pending_samples, warn_if_costly
@@ -179,7 +179,7 @@ class FSSD(Detector):
 
         target = probe.perturbation_target(probe._example)
         if target == EMBEDDINGS or (target is not None and len(probe._example) != 1):
-            raise ConfigError(
+            raise NotApplicableError(
                 "FSSD needs image-like inputs: its singularity is the mean feature map of uniform-noise inputs, "
                 "and there is no uniform noise over token ids (nor fixed-size feature maps over sequences of "
                 f"varying length). The inputs here are {sorted(probe._example) if isinstance(probe._example, dict) else 'token ids'}; "

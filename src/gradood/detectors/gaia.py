@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError, InputError, ModelError
-from ..signals import ProbeBatch, Request, Signals
+from ..errors import ConfigError, InputError, ModelError, NotApplicableError
+from ..signals import ProbeBatch, Request, Signals, is_feature_map
 from . import _hyperparams as hp
 from ._papers import Citation
 from .base import Detector, register
@@ -185,9 +185,10 @@ def gaia_a_layers(probe) -> tuple[tuple[str, ...], bool]:
         keep = [n for n, g in zip(candidates, grads)
                 if g is not None and (inputs_of or passed[n].untyped_storage().data_ptr() != ptr)]
         if not bns:
-            keep = [n for n in keep if acts_[n].ndim >= 3] or keep
+            keep = [n for n in keep if is_feature_map(probe._example, acts_[n])] or \
+                [n for n in keep if acts_[n].ndim <= 2]
     if not keep:
-        raise ModelError(f"gaia-a found no BatchNorm layer, activation or top-level layer before the head's input "
+        raise NotApplicableError(f"gaia-a found no BatchNorm layer, activation or top-level layer before the head's input "
                          f"in {type(probe.model).__name__}. Pass layers=[<module names>] (their outputs are read).")
     return tuple(keep), inputs_of
 
@@ -306,9 +307,9 @@ def gaia_z_layers(probe) -> tuple[tuple[str, ...], bool]:
     # outputs (a conv's output is then the pre-activation)
     candidates = acts or layers
     taps = probe.forward(probe._example, candidates, validate=False).taps if candidates else {}
-    maps = [n for n in candidates if taps[n].ndim >= 3]  # an activation keeps its input's shape
+    maps = [n for n in candidates if is_feature_map(probe._example, taps[n])]  # an activation keeps its input's shape
     if not maps:
-        raise ModelError(f"gaia-z found no BatchNorm layer and no activation with a feature-map input in "
+        raise NotApplicableError(f"gaia-z found no BatchNorm layer and no activation with a feature-map input in "
                          f"{type(probe.model).__name__}: it counts zeros per channel of C x H x W attribution "
                          "gradients. Pass layers=[<module names>] (their outputs are read), or use gaia-a.")
     return tuple(maps), bool(acts)

@@ -9,8 +9,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..signals import LOGITS, ProbeBatch, Request, Signals, Tap
+from ..errors import InputError, NotApplicableError
+from ..signals import LOGITS, ProbeBatch, Request, Signals, Tap, sequence_mask
 from . import _hyperparams as hp
 from ._papers import Citation
 from .base import Detector, register
@@ -53,6 +53,9 @@ class GramFeatures(Request):
         cols = []
         for layer in self.layers:
             a = batch.taps[layer]
+            mask = sequence_mask(batch.x, a)
+            if mask is not None:  # B x T x H over tokens: channels H x positions T, padded positions zeroed
+                a = (a * mask.unsqueeze(-1)).transpose(1, 2)
             a = a if a.ndim > 2 else a[:, :, None]
             cols += gram_row_sums(a, self.max_power)
         return torch.cat(cols, dim=1)
@@ -69,7 +72,8 @@ class Gram(Detector):
     https://arxiv.org/abs/1912.12510; the official code's row-sum form).
 
     Per tapped layer l and order p = 1..``max_power``: ``g_lp = sign(s) |s|^(1/p)`` with ``s`` the row sums of
-    ``(A^p)(A^p)^T`` (A = the layer's channels x positions). Fit: the ID fit data is split (seeded) into a part
+    ``(A^p)(A^p)^T`` (A = the layer's channels x positions; for the ``B x T x H`` activations of a transformer
+    on token inputs, the H channels over the real tokens, padding excluded). Fit: the ID fit data is split (seeded) into a part
     that sets, per PREDICTED class, the min and max of every ``g_lp`` entry, and a held-out part (``val_split``)
     on which each layer's mean total deviation ``E_l`` is measured. Deviation of a value from its class range:
     ``relu(min - g)/|min + 1e-6| + relu(g - max)/|max + 1e-6|``, summed over orders and channels per layer.
@@ -104,7 +108,13 @@ class Gram(Detector):
             raise InputError("gram reads layer activations: build the signals with probe.signals(data), or pass "
                              "layers= naming taps given to Signals.from_arrays.")
         signals.warm_up()
-        return tuple(signals.probe.default_layers())
+        layers = tuple(signals.probe.default_layers())
+        if not layers:
+            raise NotApplicableError(
+                f"gram found no layer to take Gram matrices of in {type(signals.probe.model).__name__}: no "
+                "activation module (ReLU, GELU, ...) and no top-level child that outputs a tensor is reached once "
+                "per forward pass. Pass layers=[<module names>] whose outputs are B x C x ... maps.")
+        return layers
 
     def _request(self) -> GramFeatures:
         return GramFeatures(self.layers_, int(self.max_power))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import InputError
-from ..signals import FEATURES, ProbeBatch, Request, Signals, Tap, tensor_digest
+from ..signals import FEATURES, ProbeBatch, Request, Signals, Tap, position_mean, sequence_mask, tensor_digest
 from ._ensemble import LayerCombiner, select_on_halves
 from .._passes import batch_input_grad
 from ._perturb import input_grad, pred_ce, step
@@ -96,10 +96,10 @@ def _warn_if_rank_deficient(cov: torch.Tensor, N: int, dead: int, who: str, data
     )
 
 
-def _check_layer_width(layer: str, activation: torch.Tensor, gauss: TiedGaussian) -> None:
+def _check_layer_width(layer: str, activation: torch.Tensor, gauss: TiedGaussian, is_sequence: bool = False) -> None:
     """Gaussians fitted on one model's layer cannot score another model's layer of another width (it would fail
     inside torch with "size mismatch")."""
-    width = spatial_mean(activation).shape[1]
+    width = activation.shape[-1] if is_sequence else spatial_mean(activation).shape[1]
     if width != gauss.means.shape[1]:
         raise InputError(
             f"the Mahalanobis ensemble was fitted on a model whose layer {layer!r} has {gauss.means.shape[1]} "
@@ -159,9 +159,10 @@ class Mahalanobis(Detector):
 MAHALANOBIS_EPSILONS = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
 
 
-def spatial_mean(a: torch.Tensor) -> torch.Tensor:
-    """Lee et al.'s per-layer feature: the mean over spatial/sequence positions (``B x channels``)."""
-    return a if a.ndim <= 2 else a.reshape(a.shape[0], a.shape[1], -1).mean(dim=2)
+def spatial_mean(a: torch.Tensor, x: Any = None) -> torch.Tensor:
+    """Lee et al.'s per-layer feature: the mean over positions (``B x channels``): the spatial dims of a map,
+    the real tokens of a transformer's ``B x T x H`` activation when ``x`` are the token inputs."""
+    return position_mean(x, a)
 
 
 def closest_class_sqdist(g: TiedGaussian, f: torch.Tensor) -> torch.Tensor:
@@ -206,15 +207,15 @@ class MahalanobisScores(Request):
             taps = probe.forward(x, self.layers, validate=False).taps
         cols = []
         for layer, gauss in zip(self.layers, self.gaussians):
-            _check_layer_width(layer, taps[layer], gauss)
+            _check_layer_width(layer, taps[layer], gauss, sequence_mask(x, taps[layer]) is not None)
             if self.eps == 0:
-                f = spatial_mean(taps[layer])
+                f = spatial_mean(taps[layer], x)
             else:
-                dist = lambda _f, t, L=layer, G=gauss: 0.5 * closest_class_sqdist(G, spatial_mean(t[L]))  # noqa: E731
+                dist = lambda _f, t, L=layer, G=gauss: 0.5 * closest_class_sqdist(G, spatial_mean(t[L], x))  # noqa: E731
                 g = (batch_input_grad(batch, dist, taps=(layer,)) if self.fgsm_step == 0
                      else input_grad(probe, x, dist, taps=(layer,)))  # at the FGSM input: a forward of its own
                 xp = step(probe, x, g, self.eps, direction=-1.0)
-                f = spatial_mean(probe.forward(xp, (layer,), validate=False).taps[layer])
+                f = spatial_mean(probe.forward(xp, (layer,), validate=False).taps[layer], x)
             cols.append(-gauss.sqdists(f).amin(dim=1))
         return torch.stack(cols, dim=1)
 

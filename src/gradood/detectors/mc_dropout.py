@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, NotApplicableError
 from ..probe import Probe, call_model
 from ..signals import ProbeBatch, Request, Signals
 from . import _hyperparams as hp
@@ -41,7 +41,7 @@ def active_dropout(probe: Probe) -> Iterator[None]:
     restored afterwards. A model without dropout is an error: MC dropout would repeat one deterministic pass."""
     layers = dropout_layers(probe.model)
     if not layers:
-        raise ModelError(
+        raise NotApplicableError(
             "mc-dropout needs a model with dropout layers (nn.Dropout & co. with p > 0); this model has none, so "
             "every pass would give the same output. Use a model trained with dropout, or another detector "
             "(e.g. msp, the deterministic score MC dropout averages)."
