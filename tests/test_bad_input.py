@@ -3,12 +3,10 @@ says what to do. Also the registry contract of every detector."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradood

@@ -13,7 +13,7 @@ from scipy.special import logsumexp, softmax
 from scipy.stats import spearmanr
 
 import gradood
-from conftest import MLP, ConvHeadNet, SmallCNN, make_inputs, make_labels, seeded
+from conftest import MLP, ConvHeadNet, SmallCNN, make_inputs, seeded
 from gradood.grads.head import expected_logprob_grad_output_term
 
 INF = float("inf")

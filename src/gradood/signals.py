@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from . import _passes
 from . import cache as _cache
 from ._labels import as_label_tensor
-from .cache import atomic_write_bytes
 from .errors import InputError
 
 if TYPE_CHECKING:

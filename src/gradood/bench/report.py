@@ -750,7 +750,7 @@ def _html(rows: list[dict], groups: list[_Group], plots: Mapping[tuple[str, ...]
             parts.append(f'<figure class="overview">{_img(overview[0], overview[1], alt)}<figcaption>ROC curves of '
                          f"the detectors with the highest AUROC on each OOD set (legend: AUROC %); dashed "
                          f"horizontal line: TPR 95 %.</figcaption></figure>")
-        parts.append(f'<h3>Detectors <small class="meta">(in table order; click to expand)</small></h3>')
+        parts.append('<h3>Detectors <small class="meta">(in table order; click to expand)</small></h3>')
         for det in ranked:
             parts.append(_detector_section(g, det, plots.get((g.model, g.id_dataset, det))))
         parts.append("</section>")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputError
-from ._state import class_ref, decode, encode
+from ._state import class_ref, decode
 
 if TYPE_CHECKING:
     from ..detectors.base import Detector

@@ -12,7 +12,6 @@ import torch
 from ..errors import InputError
 from ..signals import FEATURES, Request, Signals
 from . import _papers
-from . import _papers
 from . import _hyperparams as hp
 from .base import Detector, register
 from .mahalanobis import TiedGaussian, _labels

@@ -14,7 +14,6 @@ import torch
 from ..errors import ConfigError, InputError
 from ..signals import FEATURES, LOGITS, Request, Signals
 from . import _papers
-from . import _papers
 from . import _hyperparams as hp
 from ._checks import class_labels
 from .base import Detector, register

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..errors import ModelError, NotApplicableError
+from ..errors import NotApplicableError
 from ..probe import Probe, call_model
 from ..signals import ProbeBatch, Request, Signals
 from . import _hyperparams as hp

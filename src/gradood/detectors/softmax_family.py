@@ -14,7 +14,6 @@ from ..errors import ConfigError, InputError
 from ..signals import LOGITS, Signals
 from . import _papers
 from . import _hyperparams as hp
-from . import _papers
 from ._checks import class_labels
 from .base import Detector, register
 
