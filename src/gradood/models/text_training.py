@@ -7,9 +7,10 @@ does not depend on batch order, and the seed only fixes the zero start). Only th
 numbers) is saved, atomically, with a JSON record (sha256, val/test accuracy, the command, versions); the
 encoder is rebuilt from its wheel.
 
-Why frozen: measured on 2 CPU cores (see docs/text.md), the frozen encoder + linear head reaches the target
-in-scope accuracy while fine-tuning even the top layer costs a forward + backward through it for every
-query of every epoch, minutes instead of seconds, for no gain on this data.
+Why frozen: measured on 2 CPU cores by ``benchmarks/bench_minilm_finetune.py`` (docs/text.md), the frozen
+encoder + linear head reaches 95.09 % in-scope test accuracy (the target is 95 %) with 15.5 s of head training
+after one embedding pass; fine-tuning the top two layers for 3 epochs reaches 95.91 % in 12x that time and
+would ship 3.6 M parameters instead of the head's 57 750.
 """
 
 from __future__ import annotations
