@@ -71,14 +71,16 @@ def test_gram_against_numpy(P, val_split, seed, scale, n_pred):
 
 
 def test_gram_fit_data_inside_its_ranges_has_no_deviation_and_ood_has_more():
-    """Samples that set the class ranges deviate by 0 on their own; far inputs deviate more than ID ones."""
+    """Samples that set the class ranges deviate by 0 (up to round-off) on their own; far inputs deviate more than ID ones."""
     model = seeded(BNCNN, 53, torch.float64)
     x, y = make_inputs(60, 2, 5, 5, seed=54, dtype=torch.float64), make_labels(60, 4, seed=54)
     det = gradood.create("gram", max_power=3, val_split=0.5).fit(probe_signals(model, x, y, batch_size=16))
     assert det.layers_ == ("act1", "act2")  # the probe's default activation layers
     perm = np.random.default_rng(0).permutation(60)
     train_part = probe_signals(model, x[torch.from_numpy(perm[30:])], batch_size=16)
-    np.testing.assert_array_equal(det.score(train_part), 0.0)
+    # the same samples in other batches: the model's float64 forward may differ in the last bit (oneDNN picks
+    # kernels by batch shape), so "0" is up to round-off; a wrong range gives deviations of order 1
+    np.testing.assert_allclose(det.score(train_part), 0.0, atol=1e-12)
     far = probe_signals(model, make_inputs(30, 2, 5, 5, seed=55, dtype=torch.float64, scale=10.0), batch_size=16)
     held = probe_signals(model, x[torch.from_numpy(perm[:30])], batch_size=16)
     assert np.median(det.score(far)) < np.median(det.score(held))

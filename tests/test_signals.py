@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import gradood
 from conftest import MLP, make_inputs, make_labels, seeded
-from gradood.signals import FEATURES, LOGITS, Signals, atomic_write_bytes
+from gradood.cache import atomic_write_bytes
+from gradood.signals import FEATURES, LOGITS, Signals
 
 N, B = 40, 5  # 8 batches
 

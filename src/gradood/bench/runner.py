@@ -27,7 +27,8 @@ import torch
 from ..errors import ConfigError, GradoodError, NotApplicableError, OutputError
 from ..probe import Probe
 from .. import cache as _cache
-from ..signals import FEATURES, LOGITS, Signals, atomic_write_bytes
+from ..cache import atomic_write_bytes
+from ..signals import FEATURES, LOGITS, Signals
 from .spec import BenchSpec, DataRef, DetectorRef, RunSpec, load_spec
 
 METRIC_KEYS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr80", "detection_error")

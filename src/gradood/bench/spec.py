@@ -482,7 +482,9 @@ def spec_reference_markdown() -> str:
         "A dataset entry is a name (`\"mnist\"`) or a table:", "", *table(DATA_FIELDS), "",
         "## Detector entries", "",
         "A detector entry is a registry name, `\"all\"` (every registered detector, with `[overrides.<name>]`",
-        "applied), or a table with these keys plus the detector's hyperparameters (docs/detectors.md):", "",
+        "applied; a detector whose method a run's model lacks -- a convolutional feature map, BatchNorm, dropout,",
+        "image inputs -- is reported as *not applicable* with the reason, not as a failure), or a table with these",
+        "keys plus the detector's hyperparameters (docs/detectors.md):", "",
         *table(DETECTOR_FIELDS), "",
         "## Example", "", "```toml", example_spec().rstrip("\n"), "```", "",
     ])

@@ -193,8 +193,44 @@ def gaia_a_layers(probe) -> tuple[tuple[str, ...], bool]:
     return tuple(keep), inputs_of
 
 
+class _GAIA(Detector):
+    """What GAIA-A and GAIA-Z share: the layers (given, or chosen on one batch by ``default_layers``), one
+    cached per-batch ``request`` of the shared pass, score = minus its value. Not registered."""
+
+    citation = GAIA
+    signals = ("taps",)
+    needs_model = True
+    request: Any = None
+    default_layers: Any = None
+
+    hyperparams = {"layers": hp.names(none=True)}
+
+    def __init__(self, layers: Sequence[str] | None = None) -> None:
+        self.layers = None if layers is None else tuple(layers)
+
+    def fit_requests(self) -> list[Request]:
+        return []  # fits nothing: no gradient pass over the fit data (the layers are found on one batch)
+
+    def _fit(self, signals: Signals, **_: object) -> None:
+        if signals.probe is None:
+            raise InputError(f"{self.name} backpropagates through the model: build the signals with "
+                             "probe.signals(data), not from arrays.")
+        if self.layers is not None:
+            self.layers_, self.inputs_of_ = self.layers, False
+        else:
+            self.layers_, self.inputs_of_ = self.default_layers(signals.probe)
+
+    def requests(self) -> list[Request]:
+        if hasattr(self, "layers_"):
+            return [self.request(tuple(self.layers_), bool(self.inputs_of_))]
+        return [self.request(self.layers)]
+
+    def _score(self, signals: Signals) -> torch.Tensor:
+        return -signals.get(self.requests()[0]).double()
+
+
 @register("gaia-a")
-class GAIAA(Detector):
+class GAIAA(_GAIA):
     """GAIA-A, channel-wise average abnormality (Chen, Li, Qu, Wang, Wan & Xiao, "GAIA: Delving into
     Gradient-based Attribution Abnormality for Out-of-distribution Detection", NeurIPS 2023,
     https://arxiv.org/abs/2311.09620), as the official code's ``cal_grad_value`` (JGEthanChen/GAIA-OOD,
@@ -230,34 +266,8 @@ class GAIAA(Detector):
 
     paper = ("Chen et al., GAIA: Delving into Gradient-based Attribution Abnormality for Out-of-distribution "
              "Detection, NeurIPS 2023")
-    citation = GAIA
-    signals = ("taps",)
-    needs_model = True
-
-    hyperparams = {"layers": hp.names(none=True)}
-
-    def __init__(self, layers: Sequence[str] | None = None) -> None:
-        self.layers = None if layers is None else tuple(layers)
-
-    def fit_requests(self) -> list[Request]:
-        return []  # fits nothing: no gradient pass over the fit data (the layers are found on one batch)
-
-    def _fit(self, signals: Signals, **_: object) -> None:
-        if signals.probe is None:
-            raise InputError("gaia-a backpropagates through the model: build the signals with "
-                             "probe.signals(data), not from arrays.")
-        if self.layers is not None:
-            self.layers_, self.inputs_of_ = self.layers, False
-        else:
-            self.layers_, self.inputs_of_ = gaia_a_layers(signals.probe)
-
-    def requests(self) -> list[Request]:
-        if hasattr(self, "layers_"):
-            return [AttributionAbnormality(tuple(self.layers_), bool(self.inputs_of_))]
-        return [AttributionAbnormality(self.layers)]
-
-    def _score(self, signals: Signals) -> torch.Tensor:
-        return -signals.get(self.requests()[0]).double()
+    request = AttributionAbnormality
+    default_layers = staticmethod(gaia_a_layers)
 
 
 def max_logit(logits: torch.Tensor) -> torch.Tensor:
@@ -316,7 +326,7 @@ def gaia_z_layers(probe) -> tuple[tuple[str, ...], bool]:
 
 
 @register("gaia-z")
-class GAIAZ(Detector):
+class GAIAZ(_GAIA):
     """GAIA-Z, zero-deflation abnormality (Chen, Li, Qu, Wang, Wan & Xiao, "GAIA: Delving into Gradient-based
     Attribution Abnormality for Out-of-distribution Detection", NeurIPS 2023, https://arxiv.org/abs/2311.09620).
 
@@ -343,31 +353,5 @@ class GAIAZ(Detector):
 
     paper = ("Chen et al., GAIA: Delving into Gradient-based Attribution Abnormality for Out-of-distribution "
              "Detection, NeurIPS 2023")
-    citation = GAIA
-    signals = ("taps",)
-    needs_model = True
-
-    hyperparams = {"layers": hp.names(none=True)}
-
-    def __init__(self, layers: Sequence[str] | None = None) -> None:
-        self.layers = None if layers is None else tuple(layers)
-
-    def fit_requests(self) -> list[Request]:
-        return []  # fits nothing: no gradient pass over the fit data (the layers are found on one batch)
-
-    def _fit(self, signals: Signals, **_: object) -> None:
-        if signals.probe is None:
-            raise InputError("gaia-z backpropagates through the model: build the signals with "
-                             "probe.signals(data), not from arrays.")
-        if self.layers is not None:
-            self.layers_, self.inputs_of_ = self.layers, False
-        else:
-            self.layers_, self.inputs_of_ = gaia_z_layers(signals.probe)
-
-    def requests(self) -> list[Request]:
-        if hasattr(self, "layers_"):
-            return [ZeroDeflation(tuple(self.layers_), bool(self.inputs_of_))]
-        return [ZeroDeflation(self.layers)]
-
-    def _score(self, signals: Signals) -> torch.Tensor:
-        return -signals.get(self.requests()[0]).double()
+    request = ZeroDeflation
+    default_layers = staticmethod(gaia_z_layers)
