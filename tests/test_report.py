@@ -134,6 +134,23 @@ def test_write_tables_csv_json_md(tmp_path):
     assert md.count("**") >= 2 + 2 * 2 * 5  # legend + a bold best per column (5) and metric (2)
 
 
+def test_write_tables_lists_not_applicable_detectors(tmp_path):
+    """Detectors whose method a model lacks are listed, with their reason, after the tables and in the JSON;
+    a run without any writes neither the section nor the key."""
+    results, _ = synthetic(n_models=1, boot=0)
+    na = ["resnet18-0 / rankfeat: rankfeat found no activation layer with a\nfeature-map output (B x C x H x W)"]
+    paths = R.write_tables(tmp_path / "a", results, not_applicable=na)
+    md = paths["md"].read_text()
+    assert md.rstrip().endswith("* resnet18-0 / rankfeat: rankfeat found no activation layer with a feature-map "
+                                "output (B x C x H x W)")
+    assert "## Not applicable" in md
+    assert json.loads(paths["json"].read_text())["not_applicable"] == na
+    assert len(R.read_results(paths["json"])) == len(results)
+    plain = R.write_tables(tmp_path / "b", results)
+    assert "Not applicable" not in plain["md"].read_text()
+    assert "not_applicable" not in json.loads(plain["json"].read_text())
+
+
 def test_tables_round_trip_through_write_report(tmp_path):
     results, scores = synthetic(n_models=1, detectors=("msp",))
     R.write_report(tmp_path, results, scores)

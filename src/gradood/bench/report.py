@@ -240,7 +240,7 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _json_text(rows: list[dict]) -> str:
+def _json_text(rows: list[dict], not_applicable: Sequence[str] = ()) -> str:
     doc = {
         "schema": JSON_SCHEMA,
         "conventions": "scores: higher = more in-distribution; metrics: fractions in [0, 1], ID positive; "
@@ -248,6 +248,8 @@ def _json_text(rows: list[dict]) -> str:
                        "null = not available",
         "results": [{k: _plain(v) for k, v in r.items()} for r in rows],
     }
+    if not_applicable:
+        doc["not_applicable"] = list(not_applicable)
     return json.dumps(doc, indent=1, allow_nan=False) + "\n"
 
 
@@ -256,7 +258,7 @@ def _md_escape(text: str) -> str:
     return re.sub(r"([\\|*_`\[\]<>$#])", r"\\\1", str(text))
 
 
-def _md_text(rows: list[dict], title: str) -> str:
+def _md_text(rows: list[dict], title: str, not_applicable: Sequence[str] = ()) -> str:
     lines = [f"# {_md_escape(title)}", "",
              "AUROC / FPR95 in % (AUROC higher is better, FPR95 lower). Scores: higher = more in-distribution; "
              "FPR95 = OOD accepted at the threshold that keeps 95 % of ID.",
@@ -278,16 +280,22 @@ def _md_text(rows: list[dict], title: str) -> str:
                 cells.append(" / ".join(parts))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if not_applicable:
+        lines += ["## Not applicable", "",
+                  "Detectors whose method the model lacks (`model / detector: reason`):", ""]
+        lines += [f"* {_md_escape(' '.join(msg.split()))}" for msg in not_applicable]
+        lines.append("")
     return "\n".join(lines)
 
 
 def write_tables(out_dir: str | os.PathLike, results: Iterable[Mapping[str, Any]], *,
-                 title: str = "gradood benchmark results") -> dict[str, Path]:
+                 title: str = "gradood benchmark results", not_applicable: Sequence[str] = ()) -> dict[str, Path]:
     """Write ``results.csv``, ``results.json`` and ``results.md`` into ``out_dir`` (created if needed).
 
     CSV: one line per result row; metrics as fractions; ``<metric>_ci_low/_high`` columns when intervals
     are present; extra keys follow, sorted. JSON: ``{"schema", "conventions", "results": [rows]}`` (read
-    back with :func:`read_results`). Markdown: one AUROC / FPR95 (%) table per model and ID dataset.
+    back with :func:`read_results`), plus ``"not_applicable"`` (``"model / detector: reason"`` lines) when
+    given. Markdown: one AUROC / FPR95 (%) table per model and ID dataset, then the not-applicable list.
     Returns the paths by format (``"csv"``, ``"json"``, ``"md"``).
     """
     rows = _normalise(results)
@@ -295,8 +303,8 @@ def write_tables(out_dir: str | os.PathLike, results: Iterable[Mapping[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "results.csv", "json": out / "results.json", "md": out / "results.md"}
     _atomic_write(paths["csv"], _csv_text(rows))
-    _atomic_write(paths["json"], _json_text(rows))
-    _atomic_write(paths["md"], _md_text(rows, title))
+    _atomic_write(paths["json"], _json_text(rows, not_applicable))
+    _atomic_write(paths["md"], _md_text(rows, title, not_applicable))
     return paths
 
 

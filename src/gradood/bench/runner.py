@@ -508,7 +508,7 @@ def main(args: argparse.Namespace) -> int:
     from .report import write_report, write_tables
 
     with clear_write_errors(out):
-        write_tables(out, rows)
+        write_tables(out, rows, not_applicable=not_applicable)
         if not args.no_report:
             write_report(out, rows, scores)
     print(f"\n{len(rows)} results in {elapsed:.1f} s; tables: {out}/results.csv, .json, .md"
