@@ -519,3 +519,23 @@ def test_feature_map_signals_cost_their_runs_per_batch_once_and_are_cached(monke
     assert calls["n"] == 3 * (1 + runs)  # 3 batches
     np.testing.assert_array_equal(det.score(test), first)
     assert calls["n"] == 3 * (1 + runs)
+
+
+@pytest.mark.parametrize("name", ["ash-fm", "rankfeat", "scale-fm", "bats-fm", "gaia-a", "gaia-z"])
+def test_layer_choice_works_when_every_signal_comes_from_the_disk_cache(name, tmp_path):
+    """A detector that picks its layer on the probe's first batch fits and scores the same when its signals were
+    all cached by an earlier process and no batch has run in this one (the bench's rerun): it runs one batch
+    itself instead of failing with "run at least one batch through the probe"."""
+    model = seeded(BNCNN, 61, torch.float64)
+    x = make_inputs(12, 2, 6, 6, seed=62, dtype=torch.float64)
+
+    def signals():
+        return gradood.Probe(model).signals(x, batch_size=4, progress=False, cache_dir=tmp_path)
+
+    first = gradood.create(name).fit(signals())
+    expected = first.score(signals())
+    cached = signals()  # a fresh probe: every signal it needs is on disk, nothing has run
+    assert cached.probe.input_shape is None
+    det = gradood.create(name).fit(cached)
+    np.testing.assert_array_equal(det.score(cached), expected)
+    assert det.get_params() == first.get_params() and getattr(det, "layer_", None) == getattr(first, "layer_", None)

@@ -146,6 +146,9 @@ def test_write_tables_lists_not_applicable_detectors(tmp_path):
     assert "## Not applicable" in md
     assert json.loads(paths["json"].read_text())["not_applicable"] == na
     assert len(R.read_results(paths["json"])) == len(results)
+    # the report folder's tables (written by write_report) carry the list too
+    R.write_report(tmp_path / "r", results, plots=False, not_applicable=na)
+    assert "## Not applicable" in (tmp_path / "r" / "results.md").read_text()
     plain = R.write_tables(tmp_path / "b", results)
     assert "Not applicable" not in plain["md"].read_text()
     assert "not_applicable" not in json.loads(plain["json"].read_text())

@@ -676,7 +676,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 def write_report(out_dir: str | os.PathLike, results: Iterable[Mapping[str, Any]],
                  scores: Mapping[tuple[str, str, str], Mapping[str, Any]] | None = None, *,
                  title: str = "gradood benchmark report", plots: bool = True, log_fpr: bool | None = None,
-                 top: int = 5) -> Path:
+                 top: int = 5, not_applicable: Sequence[str] = ()) -> Path:
     """Write the report folder (``index.html``, ``plots/``, ``results.{csv,json,md}``); return index.html.
 
     ``results`` and ``scores`` are described in the module docstring; a result row is typically
@@ -714,7 +714,7 @@ def write_report(out_dir: str | os.PathLike, results: Iterable[Mapping[str, Any]
                                   title=f"{model} / {id_dataset} / {det}", log_fpr=bool(log_fpr))
             _atomic_write(out / rel, png)
             images[(model, id_dataset, det)] = (rel, _png_size(png))
-    write_tables(out, rows, title=title)
+    write_tables(out, rows, title=title, not_applicable=not_applicable)
     _atomic_write(out / "index.html", _html(rows, groups, images, title))
     return out / "index.html"
 

@@ -510,7 +510,7 @@ def main(args: argparse.Namespace) -> int:
     with clear_write_errors(out):
         write_tables(out, rows, not_applicable=not_applicable)
         if not args.no_report:
-            write_report(out, rows, scores)
+            write_report(out, rows, scores, not_applicable=not_applicable)
     print(f"\n{len(rows)} results in {elapsed:.1f} s; tables: {out}/results.csv, .json, .md"
           + ("" if args.no_report else f"; report: {out}/index.html"))
     noted = {}

@@ -102,9 +102,7 @@ class ASHFeatureMap(Detector):
         return [LOGITS]  # only to have run the model once: the layer is chosen at fit
 
     def _fit(self, signals: Signals, **_: object) -> None:
-        if signals.probe is None:
-            raise InputError("ash-fm runs the model from a layer onwards: build the signals with "
-                             "probe.signals(data), not from arrays.")
+        _needs_probe(signals, "ash-fm")
         self.layer_ = self.layer if self.layer is not None else last_feature_map_layer(signals.probe)
 
     def requests(self) -> list[Request]:
@@ -115,9 +113,12 @@ class ASHFeatureMap(Detector):
 
 
 def _needs_probe(signals: Signals, who: str) -> None:
+    """The signals' probe, having run one batch (the layer is chosen on it, also when every signal came from
+    the disk cache and no batch has run in this process)."""
     if signals.probe is None:
         raise InputError(f"{who} runs the model from a layer onwards: build the signals with probe.signals(data), "
                          "not from arrays.")
+    signals.warm_up()
 
 
 def _energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

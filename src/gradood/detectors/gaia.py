@@ -215,6 +215,7 @@ class _GAIA(Detector):
         if signals.probe is None:
             raise InputError(f"{self.name} backpropagates through the model: build the signals with "
                              "probe.signals(data), not from arrays.")
+        signals.warm_up()  # the layers are chosen on one batch, also when every signal came from the cache
         if self.layers is not None:
             self.layers_, self.inputs_of_ = self.layers, False
         else:
