@@ -21,12 +21,7 @@ import time
 D_IN, HIDDEN, C = 256, 1024, 10
 
 
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from bench_out_of_core import _rss_mb  # noqa: E402  (the script's folder is on sys.path)
 
 
 def child(n: int, k: int) -> dict:
